@@ -1,0 +1,1 @@
+"""Lightning modules: the video-LLM, the alignment losses and the alignment LightningModule."""
