@@ -1,0 +1,140 @@
+"""The data CLI, `python -m datamodules COMMAND`: build the synthetic dataset, import UVQA, check records.
+
+Each command is registered by one `add_*_parser(subparsers)` call in `build_parser`; a user error (a
+missing file, a bad record) exits with status 2 and one message on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from datamodules.records import CATEGORIES, RecordError, read_records, summarize_records
+from datamodules.sources.generate import add_generate_parser, add_import_videochatgpt_parser
+from datamodules.synthetic import SyntheticDatasetError, build_synthetic_dataset, format_summary
+from datamodules.video import VideoError
+
+# Errors that are the user's to fix: reported as one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (RecordError, VideoError, SyntheticDatasetError, OSError)
+
+
+# ============================================================================================== synth
+def add_synth_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "synth",
+        help="render the synthetic shapes dataset (clips and train/val/test records)",
+        description="Render clips of coloured moving shapes to DIR/videos/*.mp4 and write answerable and "
+        "unanswerable questions about them to DIR/{train,val,test}.jsonl (split by video) and the scene "
+        "descriptions to DIR/scenes.jsonl. Rerunning resumes: clips already rendered are kept.",
+    )
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    parser.add_argument("--num-videos", required=True, type=int, metavar="N", help="number of clips")
+    parser.add_argument("--seed", required=True, type=int, metavar="S", help="seed of scenes and questions")
+    parser.add_argument("--frames", type=int, default=16, metavar="F", help="frames per clip (default 16)")
+    parser.add_argument("--size", type=int, default=64, metavar="PX", help="frame side, pixels (default 64)")
+    parser.add_argument("--fps", type=int, default=8, help="frames per second (default 8)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="rendering processes (default: the CPU count)")
+    parser.set_defaults(func=run_synth)
+    return parser
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    summary = build_synthetic_dataset(
+        args.out, args.num_videos, args.seed, frames=args.frames, size=args.size, fps=args.fps,
+        progress=True, workers=args.workers,
+    )
+    for line in format_summary(summary):
+        print(line)
+    return 0
+
+
+# ======================================================================================== import-uvqa
+def add_import_uvqa_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "import-uvqa",
+        help="convert a released UVQA JSON file into unanswerable records",
+        description="Convert a UVQA file (eval or training; see shared/uvqa/README.md) into JSONL records. "
+        "Exact duplicates are dropped and counted.",
+    )
+    parser.add_argument("--input", required=True, type=Path, metavar="FILE", help="e.g. eval_object.json")
+    parser.add_argument("--category", required=True, choices=CATEGORIES)
+    parser.add_argument("--out", required=True, type=Path, metavar="OUT.jsonl")
+    parser.add_argument("--extension", default=".mp4",
+                        help="extension added to MOMA-LRG video ids (object, relation; default .mp4)")
+    parser.set_defaults(func=run_import_uvqa)
+    return parser
+
+
+def run_import_uvqa(args: argparse.Namespace) -> int:
+    from datamodules.sources.uvqa import import_uvqa
+
+    result = import_uvqa(args.input, args.category, args.out, args.extension)
+    print(f"{args.out}: wrote {len(result.records)} {args.category} records from {args.input}; "
+          f"dropped {result.duplicates} exact duplicates")
+    return 0
+
+
+# ============================================================================================== stats
+def add_stats_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "stats",
+        help="validate a record file and count its records",
+        description="Validate a JSONL record file as every reader does and print counts per answerability, "
+        "category and source.",
+    )
+    parser.add_argument("file", type=Path, metavar="FILE.jsonl")
+    parser.add_argument("--video-root", type=Path, metavar="DIR",
+                        help="folder the video paths are relative to (default: the file's folder)")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="count and report invalid lines instead of stopping at the first")
+    parser.set_defaults(func=run_stats)
+    return parser
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    records, skipped = read_records(args.file, args.video_root, skip_invalid=args.skip_invalid)
+    summary = summarize_records(records)
+    print(f"{args.file}: {summary['records']} records ({summary['answerable']} answerable, "
+          f"{summary['unanswerable']} unanswerable)")
+    print("  unanswerable by category: " + ", ".join(f"{k} {v}" for k, v in summary["categories"].items()))
+    sources = Counter(record.source for record in records)
+    print("  by source: " + (", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none"))
+    if args.skip_invalid:
+        print(f"  skipped {len(skipped)} invalid lines" + (f"; first: {skipped[0]}" if skipped else ""))
+    return 0
+
+
+# ============================================================================================ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m datamodules", description="Build, import and check answerability QA data."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_synth_parser(subparsers)
+    add_import_uvqa_parser(subparsers)
+    add_stats_parser(subparsers)
+    add_generate_parser(subparsers)
+    add_import_videochatgpt_parser(subparsers)
+    # More commands: one `add_*_parser(subparsers)` line each here; the parser sets `func` (args -> exit
+    # status), and errors listed in USER_ERRORS are reported by `main`.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The one record schema of the project (DESIGN.md section 3): `QARecord`, validated JSONL I/O.
+
+Every reader validates each line and names the file, line and field of the first problem; writers are
+atomic (temporary file in the same folder, then rename), so an interrupted run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CATEGORIES = ("object", "relation", "attribute")
+
+
+class RecordError(ValueError):
+    """A user error in a record file: the message names the file, the line and the field."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, field_name: str | None, problem: str):
+        self.path, self.line, self.field = str(path), line, field_name
+        where = str(path) + (f", line {line}" if line is not None else "")
+        what = f"field '{field_name}': " if field_name else ""
+        super().__init__(f"{where}: {what}{problem}")
+
+
+@dataclass(frozen=True)
+class QARecord:
+    """One video QA item; see DESIGN.md section 3 for the meaning of each field."""
+
+    id: str
+    video: str
+    question: str
+    answer: str
+    answerable: bool
+    category: str | None = None
+    missing_element: str | None = None
+    rejected: str | None = None
+    source: str = "unknown"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=False)
+
+
+# field name -> (allowed types, may be null)
+_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "id": ((str,), False),
+    "video": ((str,), False),
+    "question": ((str,), False),
+    "answer": ((str,), False),
+    "answerable": ((bool,), False),
+    "category": ((str,), True),
+    "missing_element": ((str,), True),
+    "rejected": ((str,), True),
+    "source": ((str,), False),
+    "meta": ((dict,), False),
+}
+_REQUIRED = ("id", "video", "question", "answer", "answerable")
+assert set(_SCHEMA) == {f.name for f in fields(QARecord)}
+
+
+def record_from_dict(
+    data: Any, path: str | os.PathLike = "<memory>", line: int | None = None, video_root: Path | None = None
+) -> QARecord:
+    """Validate one decoded JSON object and build the record; raises `RecordError` naming the field."""
+    if not isinstance(data, dict):
+        raise RecordError(path, line, None, f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_SCHEMA))
+    if unknown:
+        raise RecordError(path, line, unknown[0], "unknown field")
+    for name in _REQUIRED:
+        if name not in data:
+            raise RecordError(path, line, name, "missing")
+    for name, value in data.items():
+        types, nullable = _SCHEMA[name]
+        if value is None and nullable:
+            continue
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            expected = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
+            raise RecordError(path, line, name, f"expected {expected}, got {type(value).__name__}")
+    for name in ("id", "video", "question", "answer"):
+        if not data[name].strip():
+            raise RecordError(path, line, name, "is empty")
+    category = data.get("category")
+    if data["answerable"]:
+        if category is not None:
+            raise RecordError(path, line, "category", "must be null for an answerable record")
+    else:
+        if category not in CATEGORIES:
+            allowed = ", ".join(CATEGORIES)
+            raise RecordError(path, line, "category", f"must be one of {allowed}, got {category!r}")
+        if not (data.get("missing_element") or "").strip():
+            problem = "an unanswerable record must name its missing element"
+            raise RecordError(path, line, "missing_element", problem)
+    if video_root is not None:
+        root = video_root.resolve()
+        resolved = (root / data["video"]).resolve()
+        if not resolved.is_relative_to(root):
+            problem = f"{data['video']!r} resolves outside the video root {root}"
+            raise RecordError(path, line, "video", problem)
+    return QARecord(**data)
+
+
+def iter_records(
+    path: str | os.PathLike,
+    video_root: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+    skipped: list[RecordError] | None = None,
+) -> Iterator[QARecord]:
+    """Yield validated records of a JSONL file; duplicate ids are errors.
+
+    With `skip_invalid`, bad lines are appended to `skipped` (when given) instead of raising.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(path, None, None, "no such file")
+    root = Path(video_root) if video_root is not None else path.parent
+    seen: dict[str, int] = {}
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    data = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise RecordError(path, number, None, "not valid UTF-8 text") from None
+                except json.JSONDecodeError as error:
+                    raise RecordError(path, number, None, f"invalid JSON ({error.msg})") from None
+                record = record_from_dict(data, path, number, root)
+                if record.id in seen:
+                    problem = f"duplicate id {record.id!r} (first on line {seen[record.id]})"
+                    raise RecordError(path, number, "id", problem)
+            except RecordError as error:
+                if not skip_invalid:
+                    raise
+                if skipped is not None:
+                    skipped.append(error)
+                continue
+            seen[record.id] = number
+            yield record
+
+
+def read_records(
+    path: str | os.PathLike, video_root: str | os.PathLike | None = None, skip_invalid: bool = False
+) -> tuple[list[QARecord], list[RecordError]]:
+    """Read a whole JSONL file: (records, skipped errors). `skipped` is empty unless `skip_invalid`."""
+    skipped: list[RecordError] = []
+    records = list(iter_records(path, video_root, skip_invalid, skipped))
+    return records, skipped
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
+    """Atomically write dictionaries as JSONL; returns the number of lines."""
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_records(path: str | os.PathLike, records: Iterable[QARecord]) -> int:
+    """Atomically write records as JSONL, refusing duplicate ids; returns the number written."""
+    records = list(records)
+    seen: set[str] = set()
+    for index, record in enumerate(records, start=1):
+        if record.id in seen:
+            raise RecordError(path, index, "id", f"duplicate id {record.id!r}")
+        seen.add(record.id)
+    return write_jsonl(path, (asdict(record) for record in records))
+
+
+def summarize_records(records: Iterable[QARecord]) -> dict[str, Any]:
+    """Counts of a record set: records, answerable, unanswerable, and unanswerable per category."""
+    summary: dict[str, Any] = {"records": 0, "answerable": 0, "unanswerable": 0}
+    categories = dict.fromkeys(CATEGORIES, 0)
+    for record in records:
+        summary["records"] += 1
+        if record.answerable:
+            summary["answerable"] += 1
+        else:
+            summary["unanswerable"] += 1
+            categories[record.category or ""] = categories.get(record.category or "", 0) + 1
+    summary["categories"] = categories
+    return summary

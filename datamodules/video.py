@@ -1,0 +1,134 @@
+"""The one video reader: `num_frames` frames sampled uniformly over a whole clip, as (T, H, W, 3) uint8.
+
+decord is the default backend and PyAV the fallback (used when decord is missing or cannot open a file).
+A missing, empty or undecodable file raises `VideoError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("decord", "pyav")
+
+
+class VideoError(ValueError):
+    """A video file that cannot be read: the message names the file and says why."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+def sample_indices(total: int, num_frames: int) -> np.ndarray:
+    """`num_frames` indices spread uniformly over `total` frames, first and last included.
+
+    A clip shorter than `num_frames` gets repeated indices, so every clip yields exactly `num_frames`.
+    """
+    if total < 1:
+        raise ValueError(f"a clip needs at least one frame, got {total}")
+    return np.linspace(0, total - 1, num_frames).round().astype(np.int64)
+
+
+def read_video(path: str | os.PathLike, num_frames: int, backend: str = "decord") -> np.ndarray:
+    """Read `num_frames` uniformly sampled frames of `path` as a (T, H, W, 3) uint8 RGB array.
+
+    With `backend="decord"`, PyAV takes over when decord is not installed or fails on the file; the
+    error then names both reasons. With `backend="pyav"`, only PyAV is used.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(path, "no such video file")
+    if path.stat().st_size == 0:
+        raise VideoError(path, "the video file is empty")
+    if backend == "decord":
+        try:
+            return _read_decord(path, num_frames)
+        except (ImportError, VideoError) as error:
+            decord_problem = error.problem if isinstance(error, VideoError) else f"decord: {error}"
+        try:
+            return _read_pyav(path, num_frames)
+        except VideoError as error:
+            raise VideoError(path, f"cannot decode ({decord_problem}; {error.problem})") from None
+    return _read_pyav(path, num_frames)
+
+
+def _read_decord(path: Path, num_frames: int) -> np.ndarray:
+    import decord  # imported here so that machines without a decord wheel still read through PyAV
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        total = len(reader)
+        if total < 1:
+            raise VideoError(path, "decord: the video has no frames")
+        frames = reader.get_batch(sample_indices(total, num_frames).tolist()).asnumpy()
+    except VideoError:
+        raise
+    except Exception as error:  # decord raises DECORDError / RuntimeError for unreadable streams
+        raise VideoError(path, f"decord: {_first_line(error, path)}") from None
+    return _check(path, frames, num_frames, "decord")
+
+
+def _read_pyav(path: Path, num_frames: int) -> np.ndarray:
+    """Decode with PyAV, converting only the sampled frames.
+
+    The header's frame count is often missing or wrong, so the frames actually decoded are counted;
+    when they differ from the header a second pass samples over the true count.
+    """
+    try:
+        import av
+    except ImportError as error:
+        raise VideoError(path, f"PyAV is not installed ({error})") from None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(path, "PyAV: the file has no video stream")
+            expected = container.streams.video[0].frames
+        total = expected if expected > 0 else _pyav_pass(av, path, None)[1]
+        if total < 1:
+            raise VideoError(path, "PyAV: the video has no frames")
+        frames, decoded = _pyav_pass(av, path, sample_indices(total, num_frames))
+        if decoded != total:
+            if decoded < 1:
+                raise VideoError(path, "PyAV: the video has no frames")
+            frames, _ = _pyav_pass(av, path, sample_indices(decoded, num_frames))
+    except VideoError:
+        raise
+    except Exception as error:  # av.error.FFmpegError and its subclasses
+        raise VideoError(path, f"PyAV: {_first_line(error, path)}") from None
+    return _check(path, frames, num_frames, "PyAV")
+
+
+def _pyav_pass(av, path: Path, indices: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+    """Decode the whole stream once: (the frames at `indices` in order, the number of frames decoded)."""
+    wanted = {} if indices is None else {int(i): None for i in indices}
+    count = 0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if count in wanted:
+                wanted[count] = frame.to_ndarray(format="rgb24")
+            count += 1
+    if indices is None or any(wanted.get(int(i)) is None for i in indices):
+        return None, count
+    return np.stack([wanted[int(i)] for i in indices]), count
+
+
+def _check(path: Path, frames: np.ndarray | None, num_frames: int, backend: str) -> np.ndarray:
+    if frames is None or frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3:
+        shape = None if frames is None else frames.shape
+        raise VideoError(path, f"{backend}: decoded an unexpected array of shape {shape}")
+    return np.ascontiguousarray(frames, dtype=np.uint8)
+
+
+def _first_line(error: BaseException, path: Path) -> str:
+    """The gist of a backend's error, without the file name that `VideoError` already gives."""
+    lines = str(error).replace(f": '{path}'", "").strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -1,0 +1,555 @@
+"""Question writers: turn facts (true, or perturbed and false) into a question and its gold response.
+
+All writers share one interface, `QuestionWriter.write(items)`, batched so that a chat writer can send
+requests concurrently. An item a writer cannot phrase sensibly comes back as None (dropped, counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from datamodules.perturb import (
+    COUNT_WORDS,
+    RELATION_PHRASES,
+    WHERE_ANSWERS,
+    Fact,
+    Perturbation,
+    QuestionSpec,
+)
+from datamodules.shapes import COLOURS, MOTIONS, SHAPES, SIZES
+
+REFUSAL_TEMPLATE = "The question is unanswerable because there is no {missing} in the video."
+
+
+@dataclass(frozen=True)
+class WrittenQuestion:
+    question: str
+    answer: str  # the gold response: for a perturbation, a refusal that names the missing element
+
+
+class QuestionWriter(Protocol):
+    def write(self, items: Sequence[Perturbation]) -> list[WrittenQuestion | None]: ...
+
+
+# ================================================================================= the template writer
+# Fixed templates for the synthetic world's `QuestionSpec`s. Each form has two phrasings, picked by a
+# hash of (seed, spec), so the choice is deterministic and independent of the order of items; the same
+# phrasings serve answerable and unanswerable questions.
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": ("What colour is {ref}?", "What is the colour of {ref}?"),
+    "shape": ("What shape is {ref}?", "What is the shape of {ref}?"),
+    "size": ("What size is {ref}?", "Is {ref} small or large?"),
+    "direction": ("Which direction is {ref} moving?", "In which direction is {ref} moving?"),
+    "count": ("How many objects are {relation} {ref}?", "How many objects can be seen {relation} {ref}?"),
+    "total": ("How many objects are there?", "How many objects are in the video?"),
+    "where_left of": (
+        "Is {ref} to the left or to the right of {ref2}?",
+        "Is {ref} on the left or on the right of {ref2}?",
+    ),
+    "where_above": ("Is {ref} above or below {ref2}?", "Is {ref} higher or lower than {ref2}?"),
+}
+_WORD = re.compile(r"[a-z0-9]+|[?.,]")
+
+
+def split_words(text: str) -> list[str]:
+    """Lowercased words with "?", "." and "," as separate tokens (the word tokenizer's rule)."""
+    return _WORD.findall(text.lower())
+
+
+def _template_key(spec: QuestionSpec) -> str:
+    if spec.form == "count" and spec.ref is None:
+        return "total"
+    if spec.form == "where":
+        return f"where_{spec.relation}"
+    return spec.form
+
+
+def unwarranted_refusal(spec: QuestionSpec) -> str:
+    """A refusal of an answerable synthetic question, naming what it asks about (a DPO `rejected`)."""
+    return REFUSAL_TEMPLATE.format(missing=spec.ref.element if spec.ref is not None else "object")
+
+
+class TemplateWriter:
+    """Phrases synthetic question specs with fixed templates: offline, deterministic for a seed.
+
+    Items are `Fact`s (answer: the short answer) or `Perturbation`s (answer: a refusal naming the
+    missing element) whose `slots["spec"]` is a `QuestionSpec`; real-data perturbations without a spec are
+    phrased by `real_question`; any other item comes back as None.
+    """
+
+    def __init__(self, seed: int | str = 0):
+        self.seed = seed  # a string seed lets a caller vary phrasings per video: f"{seed}:{video}"
+
+    def question(self, spec: QuestionSpec) -> str:
+        templates = TEMPLATES[_template_key(spec)]
+        # A string seed is hashed with SHA-512 by `random`, so the choice does not vary between runs.
+        template = random.Random(f"{self.seed}|{spec!r}").choice(templates)
+        text = template.format(
+            ref=spec.ref.text if spec.ref else "",
+            ref2=spec.ref2.text if spec.ref2 else "",
+            relation=RELATION_PHRASES.get(spec.relation or "", ""),
+        )
+        return text[0].upper() + text[1:]
+
+    def write(self, items: Sequence[Perturbation | Fact]) -> list[WrittenQuestion | None]:
+        written: list[WrittenQuestion | None] = []
+        for item in items:
+            spec = item.slots.get("spec")
+            if not isinstance(spec, QuestionSpec):  # a real-data perturbation (MOMA-LRG, DiDeMo), or unknown
+                written.append(real_question(item, self.seed) if isinstance(item, Perturbation) else None)
+                continue
+            if isinstance(item, Fact):
+                answer = item.answer
+            else:
+                answer = REFUSAL_TEMPLATE.format(missing=item.missing_element)
+            written.append(WrittenQuestion(self.question(spec), answer))
+        return written
+
+
+def template_vocabulary() -> list[str]:
+    """Every word the template writer can emit in a synthetic question, answer or rejected response.
+
+    Lowercased, with "?", "." and "," as separate tokens, as `split_words` splits text.
+    """
+    texts = [REFUSAL_TEMPLATE.format(missing="")]
+    texts += [t.format(ref="", ref2="", relation="") for group in TEMPLATES.values() for t in group]
+    texts += [*SHAPES, *COLOURS, *SIZES, *MOTIONS, *COUNT_WORDS, *WHERE_ANSWERS.values()]
+    texts += [*RELATION_PHRASES.values(), "the object moving still"]
+    return sorted({word for text in texts for word in split_words(text)})
+
+
+# ============================================================================ real-data writers (issue 6)
+# Outcomes of writing an item, template phrasing of real-data perturbations (MOMA-LRG, DiDeMo), and a
+# chat writer for any OpenAI-compatible chat-completions endpoint (standard library only).
+
+WRITTEN, NOT_APPLICABLE, UNPARSABLE, FAILED = "written", "not_applicable", "unparsable", "failed"
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """What became of one item: `written` (with the question), `not_applicable`, `unparsable` or `failed`."""
+
+    status: str
+    written: WrittenQuestion | None = None
+    reply: str | None = None  # the writer's raw reply, when there was one
+    error: str | None = None  # why it failed (never holds the API key)
+
+
+def iter_outcomes(
+    writer: QuestionWriter, items: Sequence[Perturbation]
+) -> Iterator[tuple[int, WriteOutcome]]:
+    """(index, outcome) per item, as they finish: a writer's own `write_iter` when it has one, else `write`.
+
+    A plain writer's None means it declined the item, counted as not applicable.
+    """
+    own = getattr(writer, "write_iter", None)
+    if own is not None:
+        yield from own(items)
+        return
+    for index, written in enumerate(writer.write(items)):
+        yield index, WriteOutcome(WRITTEN, written) if written is not None else WriteOutcome(NOT_APPLICABLE)
+
+
+REAL_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": (
+        "What colour is the {missing} in the video?",
+        "Where is the {missing} in the video?",
+        "What happens to the {missing} in the video?",
+        "How big is the {missing} in the video?",
+    ),
+    "relation": (
+        "Why is the {fact} in the video?",
+        "At what point of the video is the {fact}?",
+        "What happens right after the {fact}?",
+    ),
+    "attribute_phrase": (
+        "What is the {phrase} doing in the video?",
+        "Where is the {phrase} in the video?",
+        "What happens to the {phrase} in the video?",
+    ),
+    "attribute": ("What happens right after {clause}?", "What happens just before {clause}?"),
+}
+
+
+def real_question(item: Perturbation, seed: int = 0) -> WrittenQuestion | None:
+    """Template phrasing of a real-data perturbation (object, relation, attribute); deterministic for a seed.
+
+    object: a question about the absent entity; relation: about the false relation; attribute: about the
+    noun the swapped adjective modifies ("the pinkish light"), or about the whole false description.
+    """
+    fact = item.false_fact.strip().rstrip(".")
+    phrase = item.slots.get("phrase")
+    if item.category == "object":
+        key, answer = "object", REFUSAL_TEMPLATE.format(missing=item.missing_element)
+    elif item.category == "relation":
+        key, answer = "relation", f"The question is unanswerable because the video does not show the {fact}."
+    elif item.category == "attribute" and phrase:
+        key, answer = "attribute_phrase", REFUSAL_TEMPLATE.format(missing=phrase)
+    elif item.category == "attribute":
+        clause = fact[:1].lower() + fact[1:]
+        key = "attribute"
+        answer = f"The question is unanswerable because the video does not show that {clause}."
+    else:
+        return None
+    template = random.Random(f"{seed}|{item.false_fact}").choice(REAL_TEMPLATES[key])
+    text = template.format(missing=item.missing_element, fact=fact, phrase=phrase,
+                           clause=fact[:1].lower() + fact[1:])
+    return WrittenQuestion(text[:1].upper() + text[1:], answer)
+
+
+
+_TAG = re.compile(r"<\|\s*(start|end)\s+of\s+(question|answer)\s*\|>", re.IGNORECASE)
+_NOT_APPLICABLE = re.compile(r"^\W*(not\s+applicable|none)\b", re.IGNORECASE)
+
+
+def parse_reply(reply: str) -> WriteOutcome:
+    """Parse a writer reply in the paper's tagged format, tolerant of whitespace, case and a missing end tag.
+
+    `<|Start of Question|> q <|End of Question|> <|Start of Answer|> a <|End of Answer|>` -> written;
+    "Not applicable" (or "None") instead of the format, or as the question -> not applicable; else unparsable.
+    """
+    tags = list(_TAG.finditer(reply))
+
+    def section(name: str) -> str | None:
+        for number, tag in enumerate(tags):
+            if tag.group(1).lower() == "start" and tag.group(2).lower() == name:
+                end = tags[number + 1].start() if number + 1 < len(tags) else len(reply)
+                text = " ".join(reply[tag.end():end].split())
+                if len(text) > 1 and text[0] == "[" and text[-1] == "]":
+                    text = text[1:-1].strip()
+                return text.strip("'\"` ") or None
+        return None
+
+    question, answer = section("question"), section("answer")
+    if question is not None and _NOT_APPLICABLE.match(question) and len(question) < 40:
+        return WriteOutcome(NOT_APPLICABLE, reply=reply)
+    if question is not None and answer is not None:
+        return WriteOutcome(WRITTEN, WrittenQuestion(question, answer), reply=reply)
+    if not tags and _NOT_APPLICABLE.match(reply.strip()):
+        return WriteOutcome(NOT_APPLICABLE, reply=reply)
+    return WriteOutcome(UNPARSABLE, reply=reply)
+
+
+_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+_FORMAT = (
+    "If the false fact is ungrammatical, makes no sense, or says the same as one of the true facts, reply "
+    "with exactly: Not applicable\n"
+    "Otherwise reply in exactly this format, and nothing else:\n"
+    "<|Start of Question|>\n[question]\n<|End of Question|>\n<|Start of Answer|>\n[answer]\n<|End of Answer|>"
+)
+_TASKS = {
+    "object": (
+        "A video is described by the true facts below. The false fact mentions '{missing}', which does not "
+        "appear anywhere in the video; everything the video shows is: {entities}.\n"
+        "Write one question about the video that takes the false fact for granted, so that it cannot be "
+        "answered from the video. It may ask about the {missing}'s colour, shape, size, state, number, "
+        "location, purpose or parts, about what happens with it, or when. Mention the false fact in the "
+        "question. Then write the answer: say that the question is unanswerable and explain that there is "
+        "no {missing} in the video."
+    ),
+    "relation": (
+        "A video is described by the true facts below. The false fact names a relation or action that does "
+        "not happen in the video, although the entities in it do appear.\n"
+        "Write one question about the video that takes the false fact for granted, so that it cannot be "
+        "answered from the video. It may ask about the colour, shape, state, size, material, use, number, "
+        "location or parts of the objects involved, or about when or why it happens. Mention the false fact "
+        "in the question. Then write the answer: say that the question is unanswerable and explain that the "
+        "video does not show {missing}."
+    ),
+    "attribute": (
+        "A video is described by the true description below. The false description is the same except that "
+        "it says '{missing}' where the video shows '{original}'.\n"
+        "Write one question about the video that takes the false description for granted, so that it cannot "
+        "be answered from the video. It may ask about actions, states, numbers, locations, relations, timing "
+        "or parts. Mention the '{missing}' attribute in the question. Then write the answer: say that the "
+        "question is unanswerable and explain that nothing in the video is {missing} in that way."
+    ),
+}
+
+
+def chat_prompt(item: Perturbation) -> str:
+    """The instruction sent for one perturbation: the true facts, the false one, the task and the format."""
+    slots = item.slots
+    true_facts = slots.get("related_facts") or [item.true_fact]
+    entities = ", ".join(slots.get("entities") or []) or "(not listed)"
+    task = _TASKS[item.category].format(
+        missing=item.missing_element, entities=entities, original=slots.get("attribute", item.true_fact)
+    )
+    label = "Description" if item.category == "attribute" else "Facts"
+    return (
+        f"{_PREAMBLE}\n\n<|Start Of Instruction|>\n{task}\n"
+        f"<|Start of True {label}|>\n" + "\n".join(f"- {fact}" for fact in true_facts)
+        + f"\n<|End of True {label}|>\n"
+        f"<|Start of False {label}|>\n- {item.false_fact}\n<|End of False {label}|>\n"
+        f"{_FORMAT}\n<|End Of Instruction|>"
+    )
+
+
+class ChatWriterError(RuntimeError):
+    """A configuration problem of the chat writer (for example an API key variable that is not set)."""
+
+
+class _RetryableError(Exception):
+    pass
+
+
+class ReplyCache:
+    """Replies keyed by a hash of the request, one JSON line each, appended and flushed as they arrive.
+
+    A line cut short by an interrupted run is removed when the cache is opened again.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._replies: dict[str, str] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            _truncate_torn_line(self.path)
+            with self.path.open(encoding="utf-8") as handle:
+                for text in handle:
+                    try:
+                        entry = json.loads(text)
+                        self._replies[entry["key"]] = entry["reply"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            return self._replies.get(key)
+
+    def put(self, key: str, reply: str) -> None:
+        with self._lock:
+            if key in self._replies:
+                return
+            self._replies[key] = reply
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
+                handle.flush()
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+
+def _truncate_torn_line(path: Path) -> None:
+    """Cut a file back to its last complete line (an interrupted append leaves a partial one)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+@dataclass
+class ChatStats:
+    requests: int = 0  # HTTP requests sent, retries included
+    cache_hits: int = 0
+    retries: int = 0
+    written: int = 0
+    not_applicable: int = 0
+    unparsable: int = 0
+    failed: int = 0
+
+
+class ChatWriter:
+    """Question writer backed by an OpenAI-compatible chat-completions endpoint.
+
+    Requests run concurrently (at most `concurrency` at a time) and are retried with exponential backoff
+    on timeouts, connection errors, HTTP 408/409/429 and 5xx; any other HTTP error fails the item at
+    once. Each item's outcome is `written`, `not_applicable`, `unparsable` or `failed`, counted in
+    `stats`. The API key is read from the environment variable named `api_key_env` and sent only in the
+    Authorization header: it is never logged, cached or written. Replies are cached by a hash of the
+    request (model, messages, sampling settings) when `cache_path` is given.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = None,
+        *,
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        temperature: float = 1.0,
+        max_tokens: int | None = None,
+        system_prompt: str = "You are a helpful and harmless assistant.",
+        cache_path: str | os.PathLike | None = None,
+    ):
+        if concurrency < 1 or max_retries < 0 or timeout <= 0:
+            raise ChatWriterError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.concurrency, self.timeout = concurrency, timeout
+        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.system_prompt = system_prompt
+        self._api_key: str | None = None
+        if api_key_env:
+            self._api_key = os.environ.get(api_key_env) or None
+            if self._api_key is None:
+                raise ChatWriterError(f"the environment variable {api_key_env} (the API key) is not set")
+        self.cache = ReplyCache(cache_path) if cache_path is not None else None
+        self.stats = ChatStats()
+        self._stats_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._jitter = random.Random()
+
+    def __repr__(self) -> str:  # no key in reprs, tracebacks or logs
+        return f"ChatWriter(url={self.url!r}, model={self.model!r}, concurrency={self.concurrency})"
+
+    # ------------------------------------------------------------------------------------------ API
+    def request_body(self, item: Perturbation) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": self.system_prompt},
+                {"role": "user", "content": chat_prompt(item)},
+            ],
+            "temperature": self.temperature,
+        }
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        return body
+
+    def write(self, items: Sequence[Perturbation]) -> list[WrittenQuestion | None]:
+        return [outcome.written for outcome in self.write_outcomes(items)]
+
+    def write_outcomes(self, items: Sequence[Perturbation]) -> list[WriteOutcome]:
+        outcomes: list[WriteOutcome | None] = [None] * len(items)
+        for index, outcome in self.write_iter(items):
+            outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def write_iter(self, items: Sequence[Perturbation]) -> Iterator[tuple[int, WriteOutcome]]:
+        """(index, outcome) per item in completion order, with at most `concurrency` requests in flight.
+
+        Stopping the iteration early (an exception, Ctrl-C, `close()`) cancels the items not yet sent.
+        """
+        self._stop.clear()
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="chat-writer")
+        pending: dict[Future, int] = {}
+        queue = iter(enumerate(items))
+        try:
+            while True:
+                while len(pending) < self.concurrency * 2:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        break
+                    pending[pool.submit(self._write_one, nxt[1])] = nxt[0]
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield pending.pop(future), future.result()
+        finally:
+            self._stop.set()
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------------------------- internals
+    def _write_one(self, item: Perturbation) -> WriteOutcome:
+        body = self.request_body(item)
+        key = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        reply = self.cache.get(key) if self.cache is not None else None
+        if reply is not None:
+            self._count("cache_hits")
+        else:
+            try:
+                reply = self._post(body)
+            except Exception as error:  # noqa: BLE001 - every failure becomes a counted outcome
+                self._count("failed")
+                return WriteOutcome(FAILED, error=self._redact(str(error)))
+            if self.cache is not None:
+                self.cache.put(key, reply)
+        outcome = parse_reply(reply)
+        self._count(outcome.status)
+        return outcome
+
+    def _post(self, body: dict[str, Any]) -> str:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key is not None:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        attempt = 0
+        while True:
+            if self._stop.is_set():
+                raise RuntimeError("stopped")
+            self._count("requests")
+            try:
+                request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = response.read()
+                return _reply_text(payload)
+            except urllib.error.HTTPError as error:
+                retry_after = _retry_after(error)
+                retryable = error.code in (408, 409, 429) or error.code >= 500
+                message = f"HTTP {error.code} from {self.url}: {_error_body(error)}"
+                if not retryable:
+                    raise RuntimeError(message) from None
+            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                    _RetryableError) as error:
+                retry_after = None
+                message = f"{type(error).__name__} from {self.url}: {error}"
+            if attempt >= self.max_retries:
+                raise RuntimeError(f"{message} (gave up after {attempt + 1} attempts)")
+            delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + self._jitter.random() / 2)
+            if retry_after is not None:
+                delay = min(self.max_backoff, max(delay, retry_after))
+            attempt += 1
+            self._count("retries")
+            if self._stop.wait(delay):
+                raise RuntimeError("stopped")
+
+    def _count(self, name: str) -> None:
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _reply_text(payload: bytes) -> str:
+    """The message content of a chat-completions response; a malformed body is worth a retry."""
+    try:
+        content = json.loads(payload)["choices"][0]["message"]["content"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
+        raise _RetryableError(f"malformed response body: {payload[:200]!r}") from None
+    if not isinstance(content, str):
+        raise _RetryableError("response message has no text content")
+    return content
+
+
+def _retry_after(error: urllib.error.HTTPError) -> float | None:
+    try:
+        return float(error.headers.get("Retry-After", ""))
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_body(error: urllib.error.HTTPError) -> str:
+    try:
+        return " ".join(error.read(300).decode("utf-8", "replace").split()) or error.reason
+    except Exception:  # noqa: BLE001 - the body is only decoration of the message
+        return str(error.reason)

@@ -1,0 +1,361 @@
+"""Synthetic questions: references resolved exactly, perturbations checked false, balanced forms, writer."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from datamodules.perturb import (
+    FORMS,
+    REF_KINDS,
+    Fact,
+    Perturbation,
+    QuestionSpec,
+    Ref,
+    answer_choices,
+    answerable_specs,
+    form_fits,
+    is_false,
+    perturb_attribute,
+    perturb_object,
+    perturb_relation,
+    resolve_ref,
+    synthetic_items,
+    true_answer,
+)
+from datamodules.shapes import Scene, SceneObject, WorldConfig, sample_scene
+from datamodules.writers import (
+    REFUSAL_TEMPLATE,
+    TemplateWriter,
+    split_words,
+    template_vocabulary,
+    unwarranted_refusal,
+)
+
+WORLD = WorldConfig()
+
+
+def known_scene() -> Scene:
+    """A small red circle left of and above a large blue square moving down; a green star far below."""
+    return Scene(
+        (
+            SceneObject("circle", "red", "small", "still", 10, 10),
+            SceneObject("square", "blue", "large", "down", 50, 12),
+            SceneObject("star", "green", "small", "left", 40, 58),
+        ),
+        WORLD,
+    )
+
+
+def scenes(count: int = 300, seed: int = 0) -> list[Scene]:
+    return [sample_scene(random.Random(f"{seed}:{i}")) for i in range(count)]
+
+
+def test_ref_phrases_and_kinds():
+    cases = [
+        (Ref("circle"), "circle", "shape"),
+        (Ref("circle", colour="red"), "red circle", "colour_shape"),
+        (Ref("circle", size="large"), "large circle", "size_shape"),
+        (Ref("circle", motion="up"), "circle moving up", "motion_shape"),
+        (Ref("circle", motion="still"), "still circle", "motion_shape"),
+        (Ref(colour="green"), "green object", "colour_object"),
+        (Ref("circle", relation="left of", other="square"), "circle to the left of the square", "relational"),
+        (Ref("star", relation="below", other="circle"), "star below the circle", "relational"),
+    ]
+    for ref, element, kind in cases:
+        assert (ref.element, ref.text, ref.kind) == (element, "the " + element, kind)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(shape="circle", colour="red", size="small"),
+        dict(shape="circle", relation="left of"),
+        dict(shape=None, colour=None),
+        dict(shape=None, size="small"),
+    ],
+)
+def test_invalid_refs(bad):
+    with pytest.raises(ValueError):
+        Ref(**bad)
+
+
+def test_resolve_ref_on_a_known_scene():
+    scene = known_scene()
+    assert resolve_ref(scene, Ref("circle")) == [0]
+    assert resolve_ref(scene, Ref("square", colour="blue")) == [1]
+    assert resolve_ref(scene, Ref("square", colour="red")) == []
+    assert resolve_ref(scene, Ref(colour="green")) == [2]
+    assert resolve_ref(scene, Ref(colour="white")) == []
+    assert resolve_ref(scene, Ref("star", motion="left")) == [2]
+    assert resolve_ref(scene, Ref("circle", motion="still")) == [0]
+    assert resolve_ref(scene, Ref("triangle")) == []
+    assert resolve_ref(scene, Ref("circle", relation="left of", other="square")) == [0]
+    assert resolve_ref(scene, Ref("circle", relation="right of", other="square")) == []
+    assert resolve_ref(scene, Ref("circle", relation="above", other="star")) == [0]
+
+
+def test_true_answers_on_a_known_scene():
+    scene = known_scene()
+    assert true_answer(scene, QuestionSpec("colour", Ref("square", size="large"))) == "blue"
+    assert true_answer(scene, QuestionSpec("shape", Ref(colour="green"))) == "star"
+    assert true_answer(scene, QuestionSpec("size", Ref("circle"))) == "small"
+    assert true_answer(scene, QuestionSpec("direction", Ref("square"))) == "down"
+    assert true_answer(scene, QuestionSpec("direction", Ref("circle"))) == "still"
+    assert true_answer(scene, QuestionSpec("count")) == "three"
+    assert true_answer(scene, QuestionSpec("count", Ref("star"), relation="above")) == "two"
+    assert true_answer(scene, QuestionSpec("count", Ref("circle"), relation="right of")) == "two"
+    assert true_answer(scene, QuestionSpec("count", Ref("star"), relation="below")) == "zero"
+    assert true_answer(scene, QuestionSpec("count", Ref("circle"), relation="left of")) == "zero"
+    assert true_answer(scene, QuestionSpec("where", Ref("circle"), Ref("square"), "left of")) == "left"
+    assert true_answer(scene, QuestionSpec("where", Ref("square"), Ref("circle"), "left of")) == "right"
+    assert true_answer(scene, QuestionSpec("where", Ref("star"), Ref("circle"), "above")) == "below"
+    # The circle and the square are 2 px apart vertically: neither above nor below.
+    assert true_answer(scene, QuestionSpec("where", Ref("circle"), Ref("square"), "above")) is None
+    # Counting would include an object only slightly past the other (by less than the margin): no exact count.
+    assert true_answer(scene, QuestionSpec("count", Ref("square"), relation="above")) is None
+    assert true_answer(scene, QuestionSpec("count", Ref("circle"), relation="below")) is None
+    assert true_answer(scene, QuestionSpec("colour", Ref("triangle"))) is None
+
+
+def perturbation(category: str, ref: Ref) -> Perturbation:
+    return Perturbation(category, "true", "false", ref.element, {"ref": ref})
+
+
+def test_is_false_checks_each_category_explicitly():
+    scene = known_scene()
+    # object: the shape (or colour) must be absent.
+    assert is_false(scene, perturbation("object", Ref("triangle")))
+    assert is_false(scene, perturbation("object", Ref("triangle", colour="red")))  # red exists, triangle not
+    assert is_false(scene, perturbation("object", Ref(colour="white")))
+    assert not is_false(scene, perturbation("object", Ref("circle")))
+    assert not is_false(scene, perturbation("object", Ref("circle", colour="green")))  # present shape
+    assert not is_false(scene, perturbation("object", Ref(colour="red")))
+    # attribute: the shape is present with another colour, size or motion.
+    assert is_false(scene, perturbation("attribute", Ref("circle", colour="green")))
+    assert is_false(scene, perturbation("attribute", Ref("circle", size="large")))
+    assert is_false(scene, perturbation("attribute", Ref("square", motion="still")))
+    assert is_false(scene, perturbation("attribute", Ref("circle", motion="up")))
+    assert not is_false(scene, perturbation("attribute", Ref("circle", colour="red")))
+    assert not is_false(scene, perturbation("attribute", Ref("square", motion="down")))
+    assert not is_false(scene, perturbation("attribute", Ref("triangle", colour="red")))  # absent: object
+    # relation: both present and the opposite relation holds.
+    assert is_false(scene, perturbation("relation", Ref("circle", relation="right of", other="square")))
+    assert is_false(scene, perturbation("relation", Ref("star", relation="above", other="circle")))
+    assert not is_false(scene, perturbation("relation", Ref("circle", relation="left of", other="square")))
+    # Borderline (2 px apart vertically): not clearly false, so not a valid perturbation.
+    assert not is_false(scene, perturbation("relation", Ref("circle", relation="below", other="square")))
+    assert not is_false(scene, perturbation("relation", Ref("circle", relation="left of", other="triangle")))
+    assert not is_false(scene, Perturbation("object", "t", "f", "x"))  # no reference at all
+
+
+def test_perturbers_always_produce_false_facts():
+    made = Counter()
+    for index, scene in enumerate(scenes(400)):
+        rng = random.Random(index)
+        for maker in (perturb_object, perturb_attribute, perturb_relation):
+            result = maker(scene, rng)
+            if result is None:
+                assert maker is perturb_relation and not scene.relations()
+                continue
+            made[result.category] += 1
+            assert is_false(scene, result), result
+            assert result.missing_element == result.slots["ref"].element
+            assert result.true_fact != result.false_fact
+    assert made["object"] == made["attribute"] == 400 and made["relation"] > 200
+
+
+def all_items(count: int = 300) -> list[tuple[Scene, Fact | Perturbation]]:
+    return [
+        (scene, item)
+        for index, scene in enumerate(scenes(count))
+        for item in synthetic_items(scene, random.Random(index))
+    ]
+
+
+@pytest.fixture(scope="module")
+def items():
+    return all_items()
+
+
+def test_items_per_scene():
+    for index, scene in enumerate(scenes(200)):
+        made = synthetic_items(scene, random.Random(index))
+        facts = [i for i in made if isinstance(i, Fact)]
+        perturbations = [i for i in made if isinstance(i, Perturbation)]
+        assert len(facts) == 4 and 1 <= len(perturbations) <= 3
+        categories = [p.category for p in perturbations]
+        assert len(set(categories)) == len(categories)  # at most one per category
+        assert {"object", "attribute"} <= set(categories) or len(scene.objects) == 1
+        specs = [i.slots["spec"] for i in made]
+        assert len(set(specs)) == len(specs)
+    smaller = synthetic_items(scenes(1)[0], random.Random(0), num_answerable=2, num_unanswerable=1)
+    assert [isinstance(i, Fact) for i in smaller] == [True, True, False]
+
+
+def test_items_are_deterministic():
+    scene = scenes(1)[0]
+    assert synthetic_items(scene, random.Random(5)) == synthetic_items(scene, random.Random(5))
+
+
+def test_answerable_items_are_exact_and_unanswerable_ones_false(items):
+    for scene, item in items:
+        spec: QuestionSpec = item.slots["spec"]
+        assert spec.form in FORMS
+        assert all(form_fits(spec.form, ref) for ref in spec.refs())  # never asks a stated attribute
+        if isinstance(item, Fact):
+            assert true_answer(scene, spec) == item.answer and item.answer in answer_choices(spec)
+            assert all(len(resolve_ref(scene, ref)) == 1 for ref in spec.refs())
+        else:
+            assert is_false(scene, item)
+            assert true_answer(scene, spec) is None
+            false_ref = item.slots["ref"]
+            assert false_ref in spec.refs() and resolve_ref(scene, false_ref) == []
+            assert all(len(resolve_ref(scene, r)) == 1 for r in spec.refs() if r != false_ref)
+            assert item.slots["hallucination"] in answer_choices(spec)
+
+
+def test_attribute_questions_never_ask_the_wrong_attribute(items):
+    for _, item in items:
+        if isinstance(item, Perturbation) and item.category == "attribute":
+            ref, form = item.slots["ref"], item.slots["spec"].form
+            wrong = "colour" if ref.colour else "size" if ref.size else "direction"
+            assert form != wrong and form != "shape"
+
+
+def test_every_unanswerable_form_and_reference_kind_also_has_answerable_questions(items):
+    answerable, unanswerable = Counter(), Counter()
+    for _, item in items:
+        spec = item.slots["spec"]
+        if isinstance(item, Fact):
+            for ref in spec.refs():
+                answerable[spec.form, ref.kind] += 1
+            answerable[spec.form] += 1
+        else:
+            unanswerable[spec.form, item.slots["ref"].kind] += 1
+            unanswerable[spec.form] += 1
+    for key in unanswerable:
+        assert answerable[key] > 0, key
+    for form in FORMS:
+        assert answerable[form] > 0 and unanswerable[form] > 0, form
+    # No form is (nearly) always unanswerable.
+    for form in FORMS:
+        assert answerable[form] >= 0.5 * unanswerable[form], form
+
+
+def test_all_categories_and_reference_kinds_occur(items):
+    categories = Counter(i.category for _, i in items if isinstance(i, Perturbation))
+    assert set(categories) == {"object", "attribute", "relation"}
+    kinds = Counter(i.slots["ref"].kind for _, i in items if isinstance(i, Perturbation))
+    assert set(kinds) == set(REF_KINDS)
+
+
+def test_hallucination_answers_about_the_look_alike_object():
+    scene = known_scene()
+    seen = 0
+    for seed in range(60):
+        items = synthetic_items(scene, random.Random(seed))
+        for item in items:
+            if isinstance(item, Perturbation) and item.category == "attribute":
+                spec = item.slots["spec"]
+                if spec.form == "size" and item.slots["ref"].shape == "circle":
+                    assert item.slots["hallucination"] == "small"  # the size of the actual circle
+                    seen += 1
+    assert seen
+
+
+def test_answerable_specs_cover_the_forms():
+    scene = known_scene()
+    for form in FORMS:
+        specs = answerable_specs(scene, form)
+        assert specs and all(true_answer(scene, s) is not None for s in specs)
+    assert QuestionSpec("count") in answerable_specs(scene, "count")
+    assert not answerable_specs(Scene((known_scene().objects[0],), WORLD), "where")
+
+
+# ------------------------------------------------------------------------------------------ writer
+def test_template_writer_phrases_items():
+    scene = known_scene()
+    made = synthetic_items(scene, random.Random(1))
+    written = TemplateWriter(3).write(made)
+    assert len(written) == len(made)
+    for item, text in zip(made, written, strict=True):
+        assert text is not None
+        assert text.question.endswith("?") and text.question[0].isupper()
+        spec = item.slots["spec"]
+        for ref in spec.refs():
+            assert ref.text in text.question
+        if isinstance(item, Fact):
+            assert text.answer == item.answer
+        else:
+            assert text.answer == REFUSAL_TEMPLATE.format(missing=item.missing_element)
+
+
+def test_template_writer_is_deterministic_and_seeded():
+    specs = [item.slots["spec"] for _, item in all_items(30)]
+    items = [Fact("f", "a", {"spec": spec}) for spec in specs]
+    first, again = TemplateWriter(0).write(items), TemplateWriter(0).write(items)
+    assert first == again
+    assert TemplateWriter(0).write(items[::-1]) == first[::-1]  # independent of the order of items
+    other = TemplateWriter(1).write(items)
+    assert other != first and sum(a == b for a, b in zip(first, other, strict=True)) > len(items) / 4
+
+
+def test_template_writer_examples():
+    writer = TemplateWriter(0)
+    phrasings = {
+        QuestionSpec("colour", Ref("circle", size="small")): {
+            "What colour is the small circle?", "What is the colour of the small circle?"},
+        QuestionSpec("count", Ref("star"), relation="left of"): {
+            "How many objects are to the left of the star?",
+            "How many objects can be seen to the left of the star?"},
+        QuestionSpec("count"): {"How many objects are there?", "How many objects are in the video?"},
+        QuestionSpec("where", Ref("circle"), Ref(colour="red"), "left of"): {
+            "Is the circle to the left or to the right of the red object?",
+            "Is the circle on the left or on the right of the red object?"},
+        QuestionSpec("direction", Ref("square", relation="above", other="star")): {
+            "Which direction is the square above the star moving?",
+            "In which direction is the square above the star moving?"},
+    }
+    for spec, allowed in phrasings.items():
+        seen = {TemplateWriter(seed).question(spec) for seed in range(40)}
+        assert seen == allowed
+        assert writer.question(spec) in allowed
+
+
+def test_template_writer_returns_none_for_items_it_cannot_phrase():
+    assert TemplateWriter(0).write([Fact("the circle is red", "red")]) == [None]  # no spec
+
+
+def test_unwarranted_refusal_names_the_reference():
+    spec = QuestionSpec("colour", Ref("circle", relation="left of", other="square"))
+    assert unwarranted_refusal(spec) == (
+        "The question is unanswerable because there is no circle to the left of the square in the video."
+    )
+    assert "no object in the video" in unwarranted_refusal(QuestionSpec("count"))
+
+
+def test_split_words():
+    assert split_words("Is the red circle, or not? Yes.") == [
+        "is", "the", "red", "circle", ",", "or", "not", "?", "yes", "."
+    ]
+
+
+def test_vocabulary_covers_every_generated_word(items):
+    vocabulary = set(template_vocabulary())
+    assert template_vocabulary() == sorted(vocabulary)
+    assert all(word == word.lower() for word in vocabulary) and {"?", "."} <= vocabulary
+    used = set()
+    for index, (_, item) in enumerate(items):
+        (written,) = TemplateWriter(index).write([item])
+        spec = item.slots["spec"]
+        is_fact = isinstance(item, Fact)
+        rejected = unwarranted_refusal(spec) if is_fact else item.slots["hallucination"]
+        for text in (written.question, written.answer, rejected):
+            words = split_words(text)
+            assert "".join(words) == "".join(text.lower().split()), text  # nothing dropped by the split
+            used.update(words)
+    assert used <= vocabulary, sorted(used - vocabulary)
+    assert len(vocabulary - used) <= 3, sorted(vocabulary - used)  # and nearly every word is used

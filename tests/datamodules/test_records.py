@@ -1,0 +1,291 @@
+"""Record schema and JSONL I/O: every bad-input case names the file, line and field; writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from datamodules.records import (
+    QARecord,
+    RecordError,
+    atomic_write_text,
+    iter_records,
+    read_records,
+    record_from_dict,
+    summarize_records,
+    write_jsonl,
+    write_records,
+)
+
+
+def good(**changes) -> dict:
+    row = {
+        "id": "r1", "video": "videos/a.mp4", "question": "What colour is the circle?", "answer": "red",
+        "answerable": True, "category": None, "missing_element": None, "rejected": None,
+        "source": "shapes", "meta": {},
+    }
+    row.update(changes)
+    return row
+
+
+def unanswerable(**changes) -> dict:
+    row = good(answerable=False, category="object", missing_element="triangle",
+               answer="The question is unanswerable because there is no triangle in the video.")
+    row.update(changes)
+    return row
+
+
+def write_lines(path: Path, *lines: str | dict) -> Path:
+    text = "".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def first_error(path: Path, video_root: Path | None = None) -> RecordError:
+    with pytest.raises(RecordError) as info:
+        read_records(path, video_root)
+    return info.value
+
+
+def test_round_trip(tmp_path):
+    records = [
+        QARecord(**good()),
+        QARecord(**unanswerable(id="r2", rejected="red", meta={"form": "colour", "x": [1, {"a": None}]})),
+    ]
+    path = tmp_path / "data.jsonl"
+    assert write_records(path, records) == 2
+    loaded, skipped = read_records(path)
+    assert loaded == records and skipped == []
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["r1", "r2"]
+
+
+def test_optional_fields_default(tmp_path):
+    row = {k: v for k, v in good().items() if k in ("id", "video", "question", "answer", "answerable")}
+    (record,), _ = read_records(write_lines(tmp_path / "d.jsonl", row))
+    assert record.category is None and record.rejected is None
+    assert record.source == "unknown" and record.meta == {}
+
+
+def test_blank_lines_are_ignored_and_line_numbers_count_them(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", good(), "", "   ", good(id="r1"))
+    error = first_error(path)
+    assert error.line == 4 and error.field == "id"
+
+
+def test_bad_json(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", good(), '{"id": "r2", "video": ')
+    error = first_error(path)
+    assert (error.path, error.line, error.field) == (str(path), 2, None)
+    assert "line 2" in str(error) and "invalid JSON" in str(error) and str(path) in str(error)
+
+
+def test_not_an_object(tmp_path):
+    error = first_error(write_lines(tmp_path / "d.jsonl", "[1, 2]"))
+    assert error.line == 1 and "expected a JSON object" in str(error)
+
+
+@pytest.mark.parametrize("name", ["id", "video", "question", "answer", "answerable"])
+def test_missing_required_field(tmp_path, name):
+    row = good()
+    del row[name]
+    error = first_error(write_lines(tmp_path / "d.jsonl", good(id="r0"), row))
+    assert (error.line, error.field) == (2, name)
+    assert f"field '{name}'" in str(error) and "missing" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("answerable", "yes"),
+        ("answerable", 1),
+        ("question", 5),
+        ("id", True),
+        ("video", None),
+        ("meta", []),
+        ("rejected", 3.5),
+        ("source", None),
+        ("category", 7),
+    ],
+)
+def test_mistyped_field(tmp_path, name, value):
+    error = first_error(write_lines(tmp_path / "d.jsonl", good(**{name: value})))
+    assert (error.line, error.field) == (1, name) and "expected" in str(error)
+
+
+def test_unknown_field(tmp_path):
+    error = first_error(write_lines(tmp_path / "d.jsonl", good(colour="red")))
+    assert error.field == "colour" and "unknown field" in str(error)
+
+
+@pytest.mark.parametrize("name", ["question", "answer", "id", "video"])
+def test_empty_text_field(tmp_path, name):
+    error = first_error(write_lines(tmp_path / "d.jsonl", good(**{name: "  \t"})))
+    assert error.field == name and "empty" in str(error)
+
+
+def test_unknown_category(tmp_path):
+    error = first_error(write_lines(tmp_path / "d.jsonl", unanswerable(category="colour")))
+    assert error.field == "category" and "'colour'" in str(error)
+
+
+def test_unanswerable_needs_a_category(tmp_path):
+    error = first_error(write_lines(tmp_path / "d.jsonl", unanswerable(category=None)))
+    assert error.field == "category"
+
+
+def test_answerable_with_a_category(tmp_path):
+    error = first_error(write_lines(tmp_path / "d.jsonl", good(category="object")))
+    assert error.field == "category" and "answerable" in str(error)
+
+
+@pytest.mark.parametrize("missing", [None, "", "   "])
+def test_unanswerable_without_missing_element(tmp_path, missing):
+    error = first_error(write_lines(tmp_path / "d.jsonl", unanswerable(missing_element=missing)))
+    assert error.field == "missing_element" and "missing element" in str(error)
+
+
+def test_duplicate_id(tmp_path):
+    error = first_error(write_lines(tmp_path / "d.jsonl", good(), good(id="r2"), good(question="Other?")))
+    assert (error.line, error.field) == (3, "id") and "'r1'" in str(error) and "line 1" in str(error)
+
+
+@pytest.mark.parametrize("video", ["../outside.mp4", "videos/../../outside.mp4", "/etc/passwd"])
+def test_video_escaping_the_root(tmp_path, video):
+    error = first_error(write_lines(tmp_path / "d.jsonl", good(video=video)))
+    assert error.field == "video" and "outside the video root" in str(error)
+
+
+def test_video_root_defaults_to_the_files_folder_and_can_be_given(tmp_path):
+    data, videos = tmp_path / "data", tmp_path / "videos"
+    data.mkdir()
+    path = write_lines(data / "d.jsonl", good(video="clips/../a.mp4"), good(id="r2", video="../x.mp4"))
+    error = first_error(path)
+    assert error.line == 2 and str(data.resolve()) in str(error)
+    error = first_error(path, video_root=videos)
+    assert error.line == 2 and str(videos.resolve()) in str(error)
+    records, _ = read_records(write_lines(data / "ok.jsonl", good(video="clips/../a.mp4")), video_root=videos)
+    assert records[0].video == "clips/../a.mp4"
+
+
+def test_video_symlink_out_of_the_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path)
+    error = first_error(write_lines(root / "d.jsonl", good(video="link/secret.mp4")))
+    assert error.field == "video"
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(good()).encode() + b"\n" + b'{"id": "\xff\xfe"}\n')
+    error = first_error(path)
+    assert error.line == 2 and "UTF-8" in str(error)
+
+
+def test_missing_file(tmp_path):
+    error = first_error(tmp_path / "nope.jsonl")
+    assert "no such file" in str(error) and error.line is None
+
+
+def test_skip_invalid_counts_every_bad_line(tmp_path):
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        good(id="a"),
+        "not json",
+        good(id="b", question=""),
+        good(id="a"),  # duplicate of line 1
+        unanswerable(id="c", category="colour"),
+        good(id="d"),
+    )
+    records, skipped = read_records(path, skip_invalid=True)
+    assert [r.id for r in records] == ["a", "d"]
+    assert [(e.line, e.field) for e in skipped] == [(2, None), (3, "question"), (4, "id"), (5, "category")]
+    with pytest.raises(RecordError):  # the default stops at the first
+        read_records(path)
+
+
+def test_iter_records_is_lazy_and_stops_at_the_bad_line(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", good(id="a"), good(id="b"), "{bad")
+    seen = []
+    with pytest.raises(RecordError):
+        for record in iter_records(path):
+            seen.append(record.id)
+    assert seen == ["a", "b"]
+
+
+def test_record_from_dict_without_root():
+    record = record_from_dict(good(video="../anywhere.mp4"))
+    assert record.video == "../anywhere.mp4"
+
+
+def test_write_records_refuses_duplicate_ids_and_writes_nothing(tmp_path):
+    path = tmp_path / "d.jsonl"
+    with pytest.raises(RecordError) as info:
+        write_records(path, [QARecord(**good()), QARecord(**good())])
+    assert info.value.field == "id" and not path.exists()
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_write_creates_folders_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "a" / "b" / "out.txt"
+    atomic_write_text(path, "hello\n")
+    assert path.read_text() == "hello\n" and _leftovers(path.parent) == []
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    write_records(path, [QARecord(**good())])
+    before = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        write_records(path, [QARecord(**good(id="new"))])
+    assert path.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_atomic_write_failed_rename_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "d.txt"
+    path.write_text("old")
+
+    def broken_replace(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and _leftovers(tmp_path) == []
+
+
+def test_write_jsonl_with_an_unserialisable_row_keeps_the_old_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"a": 1}])
+    with pytest.raises(TypeError):
+        write_jsonl(path, [{"a": 2}, {"b": {1, 2}}])
+    assert path.read_text() == '{"a": 1}\n' and _leftovers(tmp_path) == []
+
+
+def test_summarize_records():
+    records = [
+        QARecord(**good()),
+        QARecord(**unanswerable(id="u1")),
+        QARecord(**unanswerable(id="u2", category="relation")),
+    ]
+    assert summarize_records(records) == {
+        "records": 3, "answerable": 1, "unanswerable": 2,
+        "categories": {"object": 1, "relation": 1, "attribute": 0},
+    }
+
+
+def test_to_json_matches_the_schema():
+    record = QARecord(**unanswerable())
+    assert json.loads(record.to_json()) == asdict(record)
