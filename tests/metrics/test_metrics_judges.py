@@ -1,0 +1,290 @@
+"""Judges: the shared labelling rules, exact and lexical matching, and the chat judge against a real
+HTTP server on 127.0.0.1 (yes, no, garbage, HTTP 500 then success, timeouts, cache, concurrency limit)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from metrics.judges import (
+    ChatJudge,
+    ChatJudgeError,
+    ExactMatchJudge,
+    JudgeItem,
+    Judgement,
+    LexicalJudge,
+    normalize_answer,
+    parse_verdict,
+    token_f1,
+)
+
+REFUSAL = "The question is unanswerable because there is no green triangle in the video."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared rules and the offline judges
+
+
+def test_normalize_answer():
+    assert normalize_answer("The THREE red circles.") == "3 red circles"
+    assert normalize_answer("An apple, a pear!") == "apple pear"
+    assert normalize_answer("It costs 1,000.50 dollars") == "it costs 1000.50 dollars"
+
+
+@pytest.mark.parametrize(
+    ("gold", "response", "contains", "expected"),
+    [
+        ("red", "Red.", False, True),
+        ("3 circles", "Three circles", False, True),
+        ("The circle moves left.", "the circle moves left", False, True),
+        ("red", "The circle is red.", False, False),
+        ("red", "The circle is red.", True, True),
+        ("red", "The circle is reddish.", True, False),
+        ("", "", False, False),
+    ],
+)
+def test_exact_match(gold, response, contains, expected):
+    assert ExactMatchJudge(contains=contains).answer_matches("q", gold, response) is expected
+
+
+def test_judgement_rules_for_answerable_and_unanswerable_items():
+    judge = ExactMatchJudge()
+    assert judge.judge("What colour is the circle?", "red", "Red", answerable=True) == Judgement(
+        False, True, False
+    )
+    # a refusal of an answerable item is refused and never correct, even if the gold text appears in it
+    assert judge.judge("q", "red", "I cannot tell whether it is red.", answerable=True) == Judgement(
+        True, False, False
+    )
+    # unanswerable: correct == refused; reason_ok needs a refusal that names the missing element
+    assert judge.judge(
+        "q", REFUSAL, REFUSAL, answerable=False, missing_element="green triangle"
+    ) == Judgement(True, True, True)
+    assert judge.judge(
+        "q", REFUSAL, "There is no triangle in the video.", False, "green triangle"
+    ) == Judgement(True, True, False)
+    assert judge.judge("q", REFUSAL, "The green triangle is big.", False, "green triangle") == Judgement(
+        False, False, False
+    )
+
+
+@pytest.mark.parametrize(
+    ("gold", "response", "expected"),
+    [
+        ("Yes", "Yes, the man is wearing a hat.", True),
+        ("No.", "Yes, he is.", False),
+        ("no", "No", True),
+        ("red", "It is red.", True),  # short gold answer contained in the response
+        ("The man is cutting vegetables in the kitchen.", "A man cuts vegetables in a kitchen.", True),
+        ("The man is cutting vegetables in the kitchen.", "A woman is singing on a stage.", False),
+    ],
+)
+def test_lexical_judge(gold, response, expected):
+    assert LexicalJudge().answer_matches("q", gold, response) is expected
+
+
+def test_token_f1():
+    assert token_f1("red ball", "a red ball") == 1.0
+    assert token_f1("red ball", "blue cube") == 0.0
+    assert token_f1("red ball", "red cube") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("reply", "verdict"),
+    [
+        ("Yes.", True),
+        ("yes", True),
+        ("**No**, it is wrong", False),
+        ("Correct", True),
+        ("maybe", None),
+        ("", None),
+    ],
+)
+def test_parse_verdict(reply, verdict):
+    assert parse_verdict(reply) is verdict
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ChatJudge against a loopback server
+
+
+class _Server:
+    """An OpenAI-compatible /v1/chat/completions stub whose behaviour depends on the graded response text:
+    "say-yes", "say-no", "say-garbage", "fail-once" (500, then yes), "always-500", "bad-request" (400),
+    "slow" (sleeps `slow_s`, then yes), "slow-once" (slow only the first time)."""
+
+    def __init__(self, slow_s: float = 1.0):
+        self.slow_s = slow_s
+        self.calls: Counter[str] = Counter()
+        self.auth: list[str | None] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][-1]["content"]
+                marker = next((m for m in server.MARKERS if m in user), "say-yes")
+                with server.lock:
+                    server.calls[marker] += 1
+                    count = server.calls[marker]
+                    server.auth.append(self.headers.get("Authorization"))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer(marker, count, body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, marker, count, body):
+                if marker == "always-500" or (marker == "fail-once" and count == 1):
+                    return self._send(500, {"error": "overloaded"})
+                if marker == "bad-request":
+                    return self._send(400, {"error": "bad model"})
+                if marker == "slow" or (marker == "slow-once" and count == 1):
+                    time.sleep(server.slow_s)
+                if marker == "busy":
+                    time.sleep(0.15)
+                content = {"say-no": "No.", "say-garbage": "Let me think about it."}.get(marker, "Yes")
+                reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+                return self._send(200, {"model": body["model"], **reply})
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    MARKERS = ("say-no", "say-garbage", "fail-once", "always-500", "bad-request", "slow-once", "slow", "busy")
+
+
+@pytest.fixture
+def server():
+    stub = _Server()
+    stub.thread.start()
+    yield stub
+    stub.httpd.shutdown()
+    stub.httpd.server_close()
+
+
+def _judge(server, **kwargs) -> ChatJudge:
+    options = {"model": "judge-model", "api_key_env": "TEST_JUDGE_KEY", "max_retries": 2, "backoff": 0.01}
+    options.update(kwargs)
+    return ChatJudge(server.url, **options)
+
+
+def _item(marker: str, answerable: bool = True) -> JudgeItem:
+    return JudgeItem(
+        question="What colour is the circle?",
+        gold="red",
+        response=f"It is red ({marker}).",
+        answerable=answerable,
+    )
+
+
+def test_chat_judge_yes_and_no(server, monkeypatch, caplog):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
+    judge = _judge(server)
+    with caplog.at_level(logging.DEBUG):
+        yes, no = judge.judge_many([_item("say-yes"), _item("say-no")])
+    assert yes == Judgement(refused=False, correct=True, reason_ok=False)
+    assert no == Judgement(refused=False, correct=False, reason_ok=False)
+    assert server.auth == ["Bearer sk-secret-123"] * 2
+    assert "sk-secret-123" not in repr(judge) + caplog.text + json.dumps(judge.__dict__, default=str)
+
+
+def test_chat_judge_skips_refusals_and_unanswerable_items(server):
+    judge = _judge(server)
+    refusal = JudgeItem("q", "red", "I cannot tell from the video.", answerable=True)
+    unanswerable = JudgeItem("q", REFUSAL, REFUSAL, answerable=False, missing_element="green triangle")
+    assert judge.judge_many([refusal, unanswerable]) == [
+        Judgement(True, False, False),
+        Judgement(True, True, True),
+    ]
+    assert sum(server.calls.values()) == 0
+
+
+def test_chat_judge_without_key_sends_no_authorization(server, monkeypatch):
+    monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
+    assert _judge(server).judge_many([_item("say-yes")])[0].correct
+    assert server.auth == [None]
+
+
+def test_chat_judge_garbage_is_retried_then_fails(server, caplog):
+    with pytest.raises(ChatJudgeError, match="without a yes/no verdict after 3 attempt"):
+        _judge(server).judge_many([_item("say-garbage")])
+    assert server.calls["say-garbage"] == 3
+    judge = _judge(server, on_error="incorrect", max_retries=0)
+    with caplog.at_level(logging.WARNING):
+        assert judge.judge_many([_item("say-garbage")])[0].correct is False
+    assert judge.stats["failures"] == 1 and "counted as incorrect" in caplog.text
+
+
+def test_chat_judge_retries_http_500_then_succeeds(server):
+    judge = _judge(server)
+    assert judge.judge_many([_item("fail-once")])[0].correct
+    assert server.calls["fail-once"] == 2 and judge.stats["retries"] == 1
+
+
+def test_chat_judge_gives_up_on_persistent_500_and_does_not_retry_400(server):
+    with pytest.raises(ChatJudgeError, match="HTTP 500"):
+        _judge(server, max_retries=1).judge_many([_item("always-500")])
+    assert server.calls["always-500"] == 2
+    with pytest.raises(ChatJudgeError, match="HTTP 400"):
+        _judge(server).judge_many([_item("bad-request")])
+    assert server.calls["bad-request"] == 1
+
+
+def test_chat_judge_timeout(server):
+    server.slow_s = 1.0
+    start = time.monotonic()
+    with pytest.raises(ChatJudgeError, match="no reply"):
+        _judge(server, timeout=0.2, max_retries=1).judge_many([_item("slow")])
+    assert time.monotonic() - start < 0.9
+    # a timeout followed by a prompt reply succeeds
+    assert _judge(server, timeout=0.3, max_retries=2).judge_many([_item("slow-once")])[0].correct
+
+
+def test_chat_judge_cache_in_memory_and_on_disk(server, tmp_path):
+    cache = tmp_path / "judge_cache.jsonl"
+    items = [_item("say-yes"), _item("say-no"), _item("say-yes")]  # the duplicate is sent once
+    judge = _judge(server, cache_path=cache)
+    first = judge.judge_many(items)
+    assert sum(server.calls.values()) == 2
+    assert judge.judge_many(items) == first and sum(server.calls.values()) == 2
+    with open(cache, "a") as f:
+        f.write('{"key": "cut short')  # an interrupted write
+    fresh = _judge(server, cache_path=cache)
+    assert fresh.judge_many(items) == first
+    assert sum(server.calls.values()) == 2 and fresh.stats["cache_hits"] == 2
+
+
+def test_chat_judge_limits_concurrency(server):
+    items = [JudgeItem("q", "red", f"answer {i} busy", answerable=True) for i in range(8)]
+    start = time.monotonic()
+    assert all(j.correct for j in _judge(server, max_workers=4).judge_many(items))
+    assert server.calls["busy"] == 8
+    assert 1 < server.max_in_flight <= 4
+    assert time.monotonic() - start < 8 * 0.15  # concurrent, not one after another

@@ -1,0 +1,316 @@
+"""Reports: predictions.jsonl, metrics.json, report.md and report.png agree with each other and with the
+torchmetrics; files are written atomically; W&B logging works offline; models compare in one table."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from metrics import report
+from metrics.answerability import (
+    AnswerabilityAUROC,
+    AnswerabilityMetrics,
+    PairedAnswerabilityMetrics,
+    category_ids,
+)
+from metrics.judges import ExactMatchJudge, JudgeItem
+from metrics.report import (
+    combine_metrics_table,
+    format_report,
+    log_to_wandb,
+    metrics_from_predictions,
+    paired_metrics,
+    paired_rows,
+    prediction_row,
+    read_predictions,
+    write_predictions,
+    write_reports,
+)
+
+CATEGORY_NAMES = ("object", "relation", "attribute")
+
+
+def make_records(n: int = 40, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        answerable = rng.random() < 0.5
+        category = None if answerable else rng.choice(CATEGORY_NAMES)
+        missing = None if answerable else rng.choice(["green triangle", "red circle", "blue square"])
+        gold = (
+            rng.choice(["red", "two", "left"])
+            if answerable
+            else f"The question is unanswerable because there is no {missing} in the video."
+        )
+        records.append(
+            {
+                "id": f"item-{i:03d}",
+                "question": f"Question {i}?",
+                "gold": gold,
+                "answerable": answerable,
+                "category": category,
+                "missing_element": missing,
+            }
+        )
+    return records
+
+
+def respond(record: dict, rng: random.Random) -> str:
+    """A fake model: answers right or wrong, or refuses with or without naming the missing element."""
+    roll = rng.random()
+    if roll < 0.35:
+        return record["gold"] if record["answerable"] else "It is blue."
+    if roll < 0.55:
+        return "blue"
+    named = record["missing_element"] or "dog"
+    if roll < 0.8:
+        return f"The question is unanswerable because there is no {named} in the video."
+    return "I cannot tell from the video."
+
+
+def model_rows(records: list[dict], seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    judge = ExactMatchJudge()
+    responses = [respond(r, rng) for r in records]
+    judgements = judge.judge_many(
+        [
+            JudgeItem(r["question"], r["gold"], resp, r["answerable"], r["missing_element"])
+            for r, resp in zip(records, responses, strict=True)
+        ]
+    )
+    return [
+        prediction_row(
+            id=r["id"],
+            question=r["question"],
+            gold=r["gold"],
+            answerable=r["answerable"],
+            category=r["category"],
+            missing_element=r["missing_element"],
+            response=resp,
+            judgement=j,
+            refusal_likelihood=round(rng.gauss(-2.0 if r["answerable"] else -1.2, 0.8), 2),
+        )
+        for r, resp, j in zip(records, responses, judgements, strict=True)
+    ]
+
+
+def torchmetrics_scores(rows: list[dict]) -> dict[str, float]:
+    """What the LightningModule does: feed the judged flags to the torchmetrics, two batches."""
+    single, auroc = AnswerabilityMetrics(), AnswerabilityAUROC()
+    for batch in (rows[:17], rows[17:]):
+        flags = {
+            k: torch.tensor([r[k] for r in batch]) for k in ("refused", "correct", "answerable", "reason_ok")
+        }
+        category = category_ids([r["category"] for r in batch])
+        single.update(flags["refused"], flags["correct"], flags["answerable"], category, flags["reason_ok"])
+        auroc.update(torch.tensor([r["refusal_likelihood"] for r in batch]), flags["answerable"], category)
+    return {**single.compute(), **auroc.compute()}
+
+
+def torchmetrics_paired(rows: list[dict]) -> dict[str, torch.Tensor]:
+    metric = PairedAnswerabilityMetrics()
+    t = lambda model, key: torch.tensor([r[model][key] for r in rows])  # noqa: E731
+    metric.update(
+        t("f0", "refused"),
+        t("f0", "correct"),
+        t("f1", "refused"),
+        t("f1", "correct"),
+        torch.tensor([r["answerable"] for r in rows]),
+    )
+    return metric.compute()
+
+
+def parse_report_md(text: str) -> dict[str, list[str]]:
+    """Rows of every Markdown table in report.md: first cell -> the other cells."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in {"score", "model"} and not cells[0].startswith("---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def close(cell: str, value: float | None) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return cell == "NaN"
+    return cell != "NaN" and abs(float(cell) - value) <= 0.0005 + 1e-9
+
+
+def same(a, b) -> bool:
+    a = float("nan") if a is None else float(a)
+    b = float("nan") if b is None else float(b)
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-6
+
+
+@pytest.fixture
+def paired_run():
+    records = make_records()
+    f0, f1 = model_rows(records, seed=1), model_rows(records, seed=2)
+    random.Random(3).shuffle(f0)  # joined on id, never by row order
+    return paired_rows(f0, f1)
+
+
+def test_single_model_reports_agree_with_predictions_and_torchmetrics(tmp_path):
+    rows = model_rows(make_records(), seed=1)
+    paths = write_reports(tmp_path, rows, metrics=torchmetrics_scores(rows))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "metrics.json",
+        "predictions.jsonl",
+        "report.md",
+        "report.png",
+    ]
+    assert paths["report_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    by_hand = metrics_from_predictions(tmp_path / "predictions.jsonl")
+    assert len(read_predictions(paths["predictions"])) == len(rows)
+    stored = json.loads(paths["metrics"].read_text())
+    assert set(stored) == set(by_hand)
+    assert all(same(stored[k], by_hand[k]) for k in by_hand), {k: (stored[k], by_hand[k]) for k in by_hand}
+
+    table = parse_report_md(paths["report_md"].read_text())
+    assert set(by_hand) <= set(table)
+    for key, value in by_hand.items():
+        assert close(table[key][-1], value), (key, table[key], value)
+
+
+def test_paired_reports_agree_with_predictions_and_torchmetrics(tmp_path, paired_run):
+    rows = paired_run
+    metrics = paired_metrics(
+        torchmetrics_scores([{**r, **r["f0"]} for r in rows]),
+        torchmetrics_scores([{**r, **r["f1"]} for r in rows]),
+        torchmetrics_paired(rows),
+    )
+    paths = write_reports(tmp_path, rows, metrics=metrics, title="f0 vs f1")
+    lines = paths["predictions"].read_text().splitlines()
+    first = json.loads(lines[0])
+    assert set(first) == {*report.ITEM_FIELDS, "f0", "f1"} and set(first["f0"]) == set(report.MODEL_FIELDS)
+
+    by_hand = metrics_from_predictions(paths["predictions"])
+    stored = json.loads(paths["metrics"].read_text())
+    for part in ("f0", "f1", "paired"):
+        assert all(same(stored[part][k], by_hand[part][k]) for k in by_hand[part]), part
+
+    text = paths["report_md"].read_text()
+    assert text.startswith("# f0 vs f1") and "| score | better | f0 | f1 |" in text
+    table = parse_report_md(text)
+    for key in by_hand["f0"]:
+        assert close(table[key][1], by_hand["f0"][key]) and close(table[key][2], by_hand["f1"][key]), key
+    for key in report.PAIRED_SCORE_KEYS:
+        better, value, denominator = table[key]
+        assert close(value, by_hand["paired"][key]), key
+        assert int(denominator) == by_hand["paired"][f"{key}/denominator"]
+    assert paths["report_png"].stat().st_size > 1000
+
+
+def test_metrics_json_writes_nan_as_null_and_report_shows_nan(tmp_path):
+    metrics = {"answerable_accuracy": torch.tensor(float("nan")), "overall_accuracy": torch.tensor(0.25)}
+    report.write_metrics_json(tmp_path / "metrics.json", metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "answerable_accuracy": None,
+        "overall_accuracy": 0.25,
+    }
+    table = parse_report_md(format_report(metrics))
+    assert table["answerable_accuracy"] == ["higher", "NaN"] and table["overall_accuracy"] == [
+        "higher",
+        "0.250",
+    ]
+
+
+def test_prediction_rows_are_json_safe(tmp_path):
+    rows = [
+        {"id": "a", "refusal_likelihood": float("nan")},
+        {"id": "b", "refusal_likelihood": float("-inf")},
+        {"id": "c", "refusal_likelihood": torch.tensor(-1.5)},
+    ]
+    write_predictions(tmp_path / "p.jsonl", rows)
+    back = read_predictions(tmp_path / "p.jsonl")
+    assert back[0]["refusal_likelihood"] is None and back[1]["refusal_likelihood"] < -1e300
+    assert back[2]["refusal_likelihood"] == -1.5
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "report.md"
+    target.write_text("old report\n")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_report_md(target, {"overall_accuracy": 0.5})
+    assert target.read_text() == "old report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left behind
+
+
+def test_paired_rows_join_on_id_and_name_the_missing_id():
+    f0 = [{"id": "a", "answerable": True, "response": "x"}, {"id": "b", "answerable": False, "response": "y"}]
+    f1 = [{"id": "b", "answerable": False, "response": "z"}, {"id": "a", "answerable": True, "response": "w"}]
+    joined = paired_rows(f0, f1)
+    assert [(r["id"], r["f0"]["response"], r["f1"]["response"]) for r in joined] == [
+        ("b", "y", "z"),
+        ("a", "x", "w"),
+    ]
+    with pytest.raises(ValueError, match="f0 predictions: field 'id': no prediction for id 'c'"):
+        paired_rows(f0, f1 + [{"id": "c"}])
+    with pytest.raises(ValueError, match="duplicate id 'a'"):
+        paired_rows(f0 + f0[:1], f1)
+
+
+def test_read_predictions_names_the_bad_line(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"id": "a"}\n{"id": \n')
+    with pytest.raises(ValueError, match=r"predictions.jsonl, line 2"):
+        read_predictions(path)
+
+
+def test_combine_metrics_table():
+    models = {
+        "f0": {"answerable_accuracy": 0.5, "over_refusal_rate": 0.1, "unanswerable_accuracy": 0.0},
+        "sft": {
+            "answerable_accuracy": torch.tensor(0.45),
+            "over_refusal_rate": 0.2,
+            "unanswerable_accuracy": 0.8,
+        },
+        "dpo": {"answerable_accuracy": 0.48, "over_refusal_rate": float("nan")},
+    }
+    text = combine_metrics_table(
+        models, keys=["answerable_accuracy", "over_refusal_rate", "unanswerable_accuracy"]
+    )
+    lines = text.strip().splitlines()
+    assert lines[0] == "| model | answerable_accuracy ↑ | over_refusal_rate ↓ | unanswerable_accuracy ↑ |"
+    assert lines[3] == "| sft | 0.450 | 0.200 | 0.800 |"
+    assert lines[4] == "| dpo | 0.480 | NaN | NaN |"
+    assert re.search(r"\| f0 \| 0\.500", text)
+    assert "answerable_accuracy" in combine_metrics_table(models)  # default columns
+
+
+def test_log_to_wandb_offline(tmp_path, monkeypatch, paired_run):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from lightning.pytorch.loggers import WandbLogger
+
+    paths = write_reports(tmp_path / "run", paired_run)
+    metrics = json.loads(paths["metrics"].read_text())
+    logger = WandbLogger(project="answerability-tests", save_dir=str(tmp_path), offline=True)
+    run = logger.experiment
+    try:
+        log_to_wandb(logger, metrics, rows=paired_run, image_path=paths["report_png"])
+        summary = dict(run.summary)
+        f1_accuracy = metrics["f1"]["answerable_accuracy"]
+        assert summary["test/f1/answerable_accuracy"] == pytest.approx(f1_accuracy)
+        assert summary["test/discretion/denominator"] == metrics["paired"]["discretion/denominator"]
+    finally:
+        run.finish()
+    media = {p.parent.name + "/" + p.name.split("_")[0] for p in Path(run.dir).rglob("*") if p.is_file()}
+    assert "test/predictions" in media and "test/report" in media, media
+    table_file = next(Path(run.dir).rglob("predictions_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert "f0/response" in table["columns"] and len(table["data"]) == len(paired_run)
