@@ -1,0 +1,193 @@
+"""One code path for every supported video-LLM family: load by path -> ChatCollator -> train -> generate.
+
+A tiny random checkpoint of each family (its real model and processor classes, a word-level tokenizer made
+in code, see `tiny_families.py`) is saved to a folder and loaded only through `load_video_llm` /
+`AlignmentModule`, exactly as a hub checkpoint would be. Family differences (video tensors, `video_grid_thw`,
+`mm_token_type_ids`, `second_per_grid_ts`) must come from the processor's output alone.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from tiny_families import EXTRA_WORDS, FAMILIES
+
+from datamodules.answerability import IGNORE_INDEX, REFUSAL_OPENING, ChatCollator, Example
+from datamodules.records import QARecord
+from datamodules.shapes import sample_scene
+from datamodules.writers import template_vocabulary
+from lightning_modules.alignment import MODEL_INPUTS, AlignmentModule
+from lightning_modules.losses import sft_loss
+from lightning_modules.video_llm import LoraSettings, VideoLLMConfig, load_video_llm
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+VOCABULARY = template_vocabulary() + EXTRA_WORDS
+RECORDS = [
+    QARecord("a", "a.mp4", "what colour is the circle?", "the circle is red.", True,
+             rejected="the circle is blue."),
+    QARecord("b", "b.mp4", "what colour is the star?",
+             "the question is unanswerable because there is no star in the video.", False,
+             category="object", missing_element="star", rejected="the star is green."),
+]
+COLLATED_KEYS = {"labels", "ids", "records", "refusal"}
+# Vision-tower attribute names in these families' modules (Video-LLaVA has two towers).
+TOWERS = ("vision_tower.", "visual.", "video_tower.", "image_tower.")
+families = pytest.mark.parametrize("family", list(FAMILIES))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from intra-op threads, which only add synchronisation (on a busy
+    2-core machine a step was 40x slower with two threads than with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """family -> folder of its tiny checkpoint (model + processor), built once per module."""
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = str(FAMILIES[family](tmp_path_factory.mktemp(family), VOCABULARY))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def items() -> list[tuple[Example, np.ndarray]]:
+    """Two examples with real rendered frames: (4, 64, 64, 3) uint8 each."""
+    clips = [sample_scene(random.Random(seed)).render()[[0, 5, 10, 15]] for seed in (0, 1)]
+    assert clips[0].dtype == np.uint8 and clips[0].shape == (4, 64, 64, 3)
+    pairs = zip(RECORDS, clips, strict=True)
+    return [(Example(record, record.video, record.rejected), clip) for record, clip in pairs]
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    """The tokens a training row must be scored on: the response and the end-of-turn token."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def assert_labels_cover(batch: dict, tokenizer, responses: list[str]) -> None:
+    """Every label is IGNORE_INDEX except a final span equal to the response's tokens plus the end of turn."""
+    for row, response in enumerate(responses):
+        labels, ids = batch["labels"][row], batch["input_ids"][row]
+        expected = response_ids(tokenizer, response)
+        kept = (labels != IGNORE_INDEX).nonzero().flatten()
+        assert kept.tolist() == list(range(len(labels) - len(expected), len(labels))), f"row {row}: {kept}"
+        assert labels[kept].tolist() == expected == ids[kept].tolist()
+
+
+@families
+def test_processor_output_drives_the_collator(family, checkpoint, items):
+    """sft / dpo / generate batches: inputs the model knows, no <unk>, labels on the response only."""
+    model, processor = load_video_llm(VideoLLMConfig(name_or_path=checkpoint(family), num_frames=4))
+    tokenizer = processor.tokenizer
+    video_id = processor.video_token_id
+    answers = [r.answer for r in RECORDS]
+
+    sft = ChatCollator(processor, "sft")(items)
+    assert set(sft) - COLLATED_KEYS <= set(MODEL_INPUTS), f"processor outputs not in MODEL_INPUTS: {set(sft)}"
+    assert "pixel_values_videos" in sft
+    assert tokenizer.unk_token_id not in sft["input_ids"], tokenizer.decode(sft["input_ids"][0])
+    video_positions = sft["input_ids"] == video_id
+    assert video_positions.sum(dim=1).min() > 0 and (sft["labels"][video_positions] == IGNORE_INDEX).all()
+    assert_labels_cover(sft, tokenizer, answers)
+    assert sft["ids"] == ["a", "b"]
+
+    dpo = ChatCollator(processor, "dpo")(items)
+    assert dpo["input_ids"].shape[0] == 4
+    assert_labels_cover(dpo, tokenizer, answers + [r.rejected for r in RECORDS])
+
+    generate = ChatCollator(processor, "generate")(items)
+    assert "labels" not in generate
+    prompt = tokenizer.decode(generate["input_ids"][0], skip_special_tokens=True)
+    assert RECORDS[0].question.rstrip("?") in prompt and RECORDS[0].answer not in prompt
+    refusal = generate["refusal"]["labels"]
+    opening = tokenizer(" " + REFUSAL_OPENING, add_special_tokens=False)["input_ids"]
+    for row in range(refusal.shape[0]):
+        assert refusal[row][refusal[row] != IGNORE_INDEX].tolist() == opening
+
+    with torch.no_grad():  # the same batches run through the model
+        for batch in (sft, dpo, generate):
+            logits = model(**model_inputs(batch), use_cache=False).logits
+            assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+
+
+@families
+def test_full_finetuning_step_and_greedy_generation(family, checkpoint, items):
+    """AlignmentModule on the tiny checkpoint: the SFT loss falls, and greedy generation returns the trained
+    answers (both rows of a left-padded batch), so generation sees the video as the training forward did."""
+    torch.manual_seed(0)
+    config = VideoLLMConfig(name_or_path=checkpoint(family), num_frames=4)
+    module = AlignmentModule(model=config, max_new_tokens=16)
+    towers = {n: p for n, p in module.llm.named_parameters() if any(t in n for t in TOWERS)}
+    assert towers and not any(p.requires_grad for p in towers.values()), "vision tower(s) frozen by default"
+    batch = ChatCollator(module.processor, "sft")(items)
+    generate = ChatCollator(module.processor, "generate")(items)
+    answers = [r.answer for r in RECORDS]
+    optimizer = torch.optim.AdamW([p for p in module.llm.parameters() if p.requires_grad], lr=1e-2)
+    losses, responses = [], []
+    for _ in range(20):  # overfit the two examples, checking greedy generation every 10 steps (60-80 needed)
+        module.train()
+        for _ in range(10):
+            loss = sft_loss(module(batch), batch["labels"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        module.eval()
+        responses = module.generate(generate)
+        if responses == answers:
+            break
+    assert losses[5] < losses[0] and min(losses) < 0.1 * losses[0], losses[::5]
+    assert responses == answers, f"after {len(losses)} steps"
+    likelihood = module.refusal_likelihood(generate)
+    assert likelihood.shape == (2,) and torch.isfinite(likelihood).all()
+    assert likelihood[1] > likelihood[0], "trained to refuse the second question only"
+
+
+@families
+def test_lora_reference_is_the_base_model(family, checkpoint, items):
+    """With LoRA: adapters on the language model only; after a DPO step, adapters off == a fresh base load."""
+    torch.manual_seed(0)
+    path = checkpoint(family)
+    config = VideoLLMConfig(name_or_path=path, num_frames=4, lora=LoraSettings(r=4, alpha=8))
+    module = AlignmentModule(model=config, objective="dpo", beta=0.5)
+    trainable = [n for n, p in module.llm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not [n for n in trainable if any(t in n for t in TOWERS)], "adapters on the language model only"
+
+    dpo = ChatCollator(module.processor, "dpo")(items)
+    optimizer = torch.optim.AdamW([p for p in module.llm.parameters() if p.requires_grad], lr=1e-2)
+    module.train()
+    loss = module.model_step(dpo, "train")
+    assert torch.isclose(loss, torch.log(torch.tensor(2.0))), "policy == reference before training"
+    loss.backward()
+    optimizer.step()
+    assert any(p.abs().sum() > 0 for n, p in module.llm.named_parameters() if "lora_B" in n)
+
+    module.eval()
+    sft = ChatCollator(module.processor, "sft")(items)
+    with torch.no_grad():
+        adapted = module(sft)
+        with module.llm.disable_adapter():
+            disabled = module(sft)
+        base, _ = load_video_llm(VideoLLMConfig(name_or_path=path, num_frames=4))
+        reference = base(**model_inputs(sft), use_cache=False).logits
+    torch.testing.assert_close(disabled, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, reference, atol=1e-4)
+    with torch.no_grad():
+        assert module.model_step(dpo, "train") < loss, "one DPO step moves the policy toward the chosen side"
