@@ -13,8 +13,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The embedded demo: every step is a command a user can run alone; `make demo` only chains them.
+DEMO_DATA := outputs/shapes/data
+
 demo: install
-	$(PY) -m datamodules demo
+	@date +%s > outputs.demo.start 2>/dev/null || true
+	$(PY) -m datamodules synth --out $(DEMO_DATA) --num-videos 1500 --seed 0
+	$(PY) main.py fit -c configs/shapes/vision.yaml
+	$(PY) main.py fit -c configs/shapes/base.yaml
+	$(PY) main.py predict -c configs/shapes/base.yaml --model.init_args.model.name_or_path outputs/shapes/base/hf_model \
+		--data.init_args.predict_file train.jsonl --data.init_args.predict_answerable false \
+		--model.init_args.output_dir outputs/shapes/base/train_predictions
+	$(PY) main.py fit -c configs/shapes/sft.yaml
+	$(PY) main.py fit -c configs/shapes/dpo.yaml
+	$(PY) main.py test -c configs/shapes/sft.yaml --ckpt_path outputs/shapes/sft/checkpoints/last.ckpt
+	$(PY) main.py test -c configs/shapes/dpo.yaml --ckpt_path outputs/shapes/dpo/checkpoints/last.ckpt
+	$(PY) -m metrics.combine --out outputs/demo --run sft=outputs/shapes/sft --run dpo=outputs/shapes/dpo \
+		--seconds $$(( $$(date +%s) - $$(cat outputs.demo.start) ))
+	@rm -f outputs.demo.start
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,396 @@
+"""`AnswerabilityDataModule`: record files -> SFT examples, DPO pairs or prompts via the model's processor.
+
+The processor (tokenizer, chat template, frame preprocessing) belongs to the model; the DataModule takes it
+from the LightningModule at `setup` (attribute `processor`) or from its own `processor` argument.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from datamodules.records import QARecord, RecordError, read_records
+from datamodules.video import read_video
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+REFUSAL_OPENING = "The question is unanswerable"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One item for the collator: a record and, for DPO, the rejected response it is paired with."""
+
+    record: QARecord
+    video_path: str
+    rejected: str | None = None
+    record_file: str = "<records>"
+
+
+class ExampleDataset(Dataset):
+    """Examples with their decoded frames, kept in memory after the first read (clips are small)."""
+
+    def __init__(self, examples: Sequence[Example], num_frames: int, cache_frames: bool = True):
+        self.examples = list(examples)
+        self.num_frames = num_frames
+        self.cache: dict[str, np.ndarray] | None = {} if cache_frames else None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[Example, np.ndarray]:
+        example = self.examples[index]
+        if self.cache is not None and example.video_path in self.cache:
+            return example, self.cache[example.video_path]
+        frames = read_video(example.video_path, self.num_frames)
+        if self.cache is not None:
+            self.cache[example.video_path] = frames
+        return example, frames
+
+
+class EpochSeededSampler(RandomSampler):
+    """A shuffling sampler whose order is a function of (seed, epoch) alone.
+
+    Lightning calls `set_epoch` before each epoch, so a run resumed from an end-of-epoch checkpoint sees the
+    same batches as an uninterrupted one (a plain `RandomSampler` draws from the global RNG, whose state a
+    resumed run does not share). Under DDP Lightning swaps it for a `DistributedSampler`, seeded likewise.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class ChatCollator:
+    """Turns (example, frames) pairs into model inputs with the processor's chat template.
+
+    `mode`: "sft" (prompt + gold answer, labels on the answer only), "dpo" (chosen rows then rejected rows),
+    "generate" (prompt only, plus prompt + refusal opening for the refusal likelihood).
+    A prompt longer than `max_length` is an error, never truncated (it would cut through video tokens).
+    """
+
+    def __init__(self, processor: Any, mode: Literal["sft", "dpo", "generate"], max_length: int = 1024):
+        self.processor, self.mode, self.max_length = processor, mode, max_length
+        self.tokenizer = processor.tokenizer
+
+    def prompt(self, question: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def full_text(self, question: str, response: str) -> str:
+        conversation = [
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": response}]},
+        ]
+        text = self.processor.apply_chat_template(conversation, tokenize=False)
+        return text.rstrip()
+
+    def _encode(self, texts: list[str], videos: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        return dict(self.processor(text=texts, videos=videos, return_tensors="pt", padding=True))
+
+    def _labelled(self, examples: list[Example], responses: list[str], videos: list[np.ndarray]) -> dict:
+        prompts = [self.prompt(e.record.question) for e in examples]
+        texts = [self.full_text(e.record.question, r) for e, r in zip(examples, responses, strict=True)]
+        batch = self._encode(texts, videos)
+        prompt_lengths = self._prompt_lengths(prompts, videos, examples)
+        labels = batch["input_ids"].clone()
+        attention = batch["attention_mask"]
+        for row, prompt_length in enumerate(prompt_lengths):
+            start = int((attention[row] == 0).sum())  # left padding
+            labels[row, : start + prompt_length] = IGNORE_INDEX
+        labels[attention == 0] = IGNORE_INDEX
+        batch["labels"] = labels
+        self._check_length(batch, examples)
+        return batch
+
+    def _prompt_lengths(
+        self, prompts: list[str], videos: list[np.ndarray], examples: list[Example]
+    ) -> list[int]:
+        encoded = self._encode(prompts, videos)
+        lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        self._check_length(encoded, examples)
+        return [int(n) for n in lengths]
+
+    def _check_length(self, batch: dict, examples: list[Example]) -> None:
+        lengths = batch["attention_mask"].sum(dim=1)
+        for example, length in zip(examples, lengths.tolist(), strict=True):
+            if length > self.max_length:
+                raise RecordError(
+                    example.record_file,
+                    None,
+                    "question",
+                    f"record {example.record.id!r}: the prompt with its video tokens is {length} tokens, "
+                    f"over max_length={self.max_length}; it is not truncated (that would cut video tokens): "
+                    "raise max_length or use fewer frames",
+                )
+
+    def __call__(self, items: list[tuple[Example, np.ndarray]]) -> dict[str, Any]:
+        examples = [example for example, _ in items]
+        videos = [frames for _, frames in items]
+        ids = [e.record.id for e in examples]
+        if self.mode == "sft":
+            batch = self._labelled(examples, [e.record.answer for e in examples], videos)
+        elif self.mode == "dpo":
+            responses = [e.record.answer for e in examples] + [e.rejected or "" for e in examples]
+            batch = self._labelled(examples + examples, responses, videos + videos)
+        else:
+            prompts = [self.prompt(e.record.question) for e in examples]
+            batch = self._encode(prompts, videos)
+            self._check_length(batch, examples)
+            refusal = self._labelled(examples, [REFUSAL_OPENING] * len(examples), videos)
+            # The chat template closes the turn after the opening; keep only the opening's tokens.
+            opening = len(self.tokenizer(" " + REFUSAL_OPENING, add_special_tokens=False)["input_ids"])
+            labels = refusal["labels"]
+            for row in range(labels.shape[0]):
+                positions = (labels[row] != IGNORE_INDEX).nonzero().flatten()
+                labels[row, positions[opening:]] = IGNORE_INDEX
+            batch["refusal"] = {k: v for k, v in refusal.items() if k != "pixel_values_videos"}
+        batch["ids"] = ids
+        batch["records"] = [e.record for e in examples]
+        return batch
+
+
+class AnswerabilityDataModule(L.LightningDataModule):
+    """Reads record files, mixes answerable and unanswerable records, yields SFT/DPO/generation batches.
+
+    Stages: `fit` uses `train_file`/`val_file` with `objective`; `test`/`predict` use `test_file`/
+    `predict_file`
+    in generation mode. DPO's rejected responses come from each record's `rejected` field, or from a
+    predictions file of `main.py predict` joined on `id` (never by row).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "outputs/shapes/data",
+        train_file: str | None = "train.jsonl",
+        val_file: str | None = "val.jsonl",
+        test_file: str | None = "test.jsonl",
+        predict_file: str | None = None,
+        video_root: str | None = None,
+        objective: Literal["sft", "dpo"] = "sft",
+        unanswerable_fraction: float | None = None,
+        predict_answerable: bool | None = None,
+        rejected_predictions: str | None = None,
+        rejected_predictions_for: Literal["all", "unanswerable", "answerable"] = "unanswerable",
+        num_frames: int = 4,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        max_length: int = 1024,
+        num_workers: int = 0,
+        seed: int = 0,
+        synthetic_videos: int = 1500,
+        processor: Any = None,
+    ):
+        """
+        Args:
+            data_dir: folder of the record files (relative names below resolve inside it).
+            train_file, val_file, test_file, predict_file: record files (JSONL) for each stage.
+            video_root: root of the `video` paths; defaults to each record file's folder.
+            objective: "sft" (prompt -> gold answer) or "dpo" (chosen gold vs rejected response).
+            unanswerable_fraction: share of unanswerable records in the training mix (0 keeps answerable only,
+                None keeps the files' mix); the larger side is subsampled, deterministically for `seed`.
+            predict_answerable: for `predict`, keep only answerable (True) or unanswerable (False) records.
+            rejected_predictions: a `predictions.jsonl` (id, response) whose responses are the rejected
+                side of DPO pairs, for the records selected by `rejected_predictions_for`.
+            num_frames: frames sampled uniformly over each clip.
+            batch_size: global training batch size (divided by the world size).
+            max_length: the longest prompt + response in tokens; longer prompts are errors.
+            synthetic_videos: when `data_dir` has no records, `prepare_data` builds the synthetic world with
+                this many clips.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["processor"])
+        self.processor = processor
+        self.datasets: dict[str, ExampleDataset] = {}
+        self.skipped_pairs = 0
+
+    # ------------------------------------------------------------------------------------------ files
+    def _path(self, name: str) -> Path:
+        path = Path(name)
+        return path if path.is_absolute() else Path(self.hparams.data_dir) / path
+
+    def prepare_data(self) -> None:
+        """Build the synthetic dataset when its record files are missing (rank 0 only, once)."""
+        data_dir = Path(self.hparams.data_dir)
+        wanted = [self.hparams.train_file, self.hparams.val_file, self.hparams.test_file]
+        if all(self._path(name).exists() for name in wanted if name):
+            return
+        from datamodules.synthetic import build_synthetic_dataset
+
+        log.info("building the synthetic dataset in %s", data_dir)
+        build_synthetic_dataset(data_dir, num_videos=self.hparams.synthetic_videos, seed=self.hparams.seed)
+
+    def _read(self, name: str) -> tuple[list[QARecord], Path]:
+        path = self._path(name)
+        root = Path(self.hparams.video_root) if self.hparams.video_root else path.parent
+        records, _ = read_records(path, root)
+        return records, root
+
+    def _mix(self, records: list[QARecord]) -> list[QARecord]:
+        fraction = self.hparams.unanswerable_fraction
+        if fraction is None:
+            return records
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"unanswerable_fraction must be in [0, 1), got {fraction}")
+        answerable = [r for r in records if r.answerable]
+        unanswerable = [r for r in records if not r.answerable]
+        if fraction == 0.0:
+            return answerable
+        rng = random.Random(self.hparams.seed)
+        wanted_unanswerable = round(len(answerable) * fraction / (1 - fraction))
+        if wanted_unanswerable <= len(unanswerable):
+            unanswerable = rng.sample(unanswerable, wanted_unanswerable)
+        else:
+            answerable = rng.sample(answerable, round(len(unanswerable) * (1 - fraction) / fraction))
+        mixed = answerable + unanswerable
+        rng.shuffle(mixed)
+        return mixed
+
+    def _examples(self, name: str, mix: bool, pairs: bool, predictions: str | None = None) -> list[Example]:
+        records, root = self._read(name)
+        rejected: dict[str, str] = {}
+        if pairs:
+            rejected = self._rejected_responses(records, self._path(name), predictions)
+        if mix:
+            records = self._mix(records)
+        examples = []
+        for record in records:
+            video = str(root / record.video)
+            example = Example(record, video, rejected.get(record.id), str(self._path(name)))
+            if pairs and example.rejected is not None and example.rejected.strip() == record.answer.strip():
+                self.skipped_pairs += 1  # the rejected response is the gold one: no preference to learn
+                continue
+            examples.append(example)
+        if pairs and self.skipped_pairs:
+            log.warning(
+                "%s: skipped %d pairs whose rejected response equals the chosen one", name, self.skipped_pairs
+            )
+        return examples
+
+    def _rejected_responses(self, records: list[QARecord], path: Path, source: str | None) -> dict[str, str]:
+        rejected = {r.id: r.rejected for r in records if r.rejected is not None}
+        if source:
+            which = self.hparams.rejected_predictions_for
+            covered = {
+                r.id for r in records if which == "all" or (which == "unanswerable") == (not r.answerable)
+            }
+            predictions = read_predictions(self._path(source))
+            unknown = sorted(set(predictions) - covered)
+            missing = sorted(covered - set(predictions))
+            if missing:
+                raise RecordError(
+                    source,
+                    None,
+                    "id",
+                    f"no prediction for record {missing[0]!r} of {path} "
+                    f"({len(missing)} of its '{which}' records have none)",
+                )
+            if unknown:
+                raise RecordError(
+                    source,
+                    None,
+                    "id",
+                    f"prediction {unknown[0]!r} matches no '{which}' record "
+                    f"of {path} ({len(unknown)} such predictions)",
+                )
+            rejected.update({i: predictions[i] for i in covered})
+        for record in records:
+            if record.id not in rejected:
+                raise RecordError(
+                    path,
+                    None,
+                    "rejected",
+                    f"record {record.id!r} has no rejected response for DPO "
+                    "(set `rejected` or give rejected_predictions)",
+                )
+        return rejected
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None and self.trainer is not None:
+            self.processor = getattr(self.trainer.lightning_module, "processor", None)
+        if self.processor is None:
+            raise ValueError("AnswerabilityDataModule needs the model's processor (from the LightningModule)")
+        h = self.hparams
+        pairs = h.objective == "dpo"
+        if stage in ("fit", None) and h.train_file:
+            examples = self._examples(h.train_file, True, pairs, h.rejected_predictions)
+            self.datasets["train"] = ExampleDataset(examples, h.num_frames)
+        if stage in ("fit", "validate", None) and h.val_file:
+            self.datasets["val"] = ExampleDataset(self._examples(h.val_file, True, pairs), h.num_frames)
+        if stage in ("test", None) and h.test_file:
+            self.datasets["test"] = ExampleDataset(self._examples(h.test_file, False, False), h.num_frames)
+        if stage == "predict":
+            examples = self._examples(h.predict_file or h.test_file, False, False)
+            if h.predict_answerable is not None:
+                examples = [e for e in examples if e.record.answerable == h.predict_answerable]
+            self.datasets["predict"] = ExampleDataset(examples, h.num_frames)
+
+    def _per_device(self, batch_size: int) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world}")
+        return batch_size // world
+
+    def _loader(self, split: str, mode: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self._per_device(batch_size),
+            sampler=EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None,
+            num_workers=self.hparams.num_workers,
+            collate_fn=ChatCollator(self.processor, mode, self.hparams.max_length),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.objective, self.hparams.batch_size, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.hparams.objective, self.hparams.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", "generate", self.hparams.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", "generate", self.hparams.eval_batch_size, False)
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """id -> response from a predictions.jsonl; a bad line or a duplicate id is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(path, None, None, "no such predictions file")
+    predictions: dict[str, str] = {}
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RecordError(path, number, None, f"invalid JSON ({error.msg})") from None
+            for key in ("id", "response"):
+                if not isinstance(row.get(key), str):
+                    raise RecordError(path, number, key, "missing or not a string")
+            if row["id"] in predictions:
+                raise RecordError(path, number, "id", f"duplicate id {row['id']!r}")
+            predictions[row["id"]] = row["response"]
+    return predictions

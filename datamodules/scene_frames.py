@@ -1,0 +1,115 @@
+"""Frames of the synthetic world with dense labels, for pretraining the tiny model's vision tower.
+
+Real video-LLMs start from a pretrained vision tower; the embedded tiny one gets its tower from this data:
+each frame is split into the grid of video tokens the video-LLM will see, and every cell is labelled with the
+object that covers it (shape, colour, size, motion) and that object's centre.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.records import RecordError
+from datamodules.shapes import COLOURS, MOTIONS, SHAPES, SIZES, Scene, shape_mask
+from datamodules.video import read_video
+
+# Label heads: name -> number of classes (class 0 is "no object in this cell").
+LABELS = {
+    "shape": len(SHAPES) + 1,
+    "colour": len(COLOURS) + 1,
+    "size": len(SIZES) + 1,
+    "motion": len(MOTIONS) + 1,
+}
+_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "motion": MOTIONS}
+
+
+def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.05) -> np.ndarray:
+    """(grid, grid, 6) int/float labels of one frame: 4 class ids then the covering object's centre in [0, 1].
+
+    A cell belongs to the object that covers most of it, if that object covers at least `min_cover` of it.
+    """
+    world = scene.world
+    t = frame_index / max(world.frames - 1, 1)
+    cell = world.size // grid
+    labels = np.zeros((grid, grid, 6), dtype=np.float32)
+    best = np.zeros((grid, grid), dtype=np.float32)
+    for obj in scene.objects:
+        cx, cy = obj.position(t, world.travel)
+        mask = shape_mask(obj.shape, cx, cy, world.radius[obj.size], world.size)
+        cover = mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+        take = (cover > best) & (cover >= min_cover)
+        best = np.where(take, cover, best)
+        values = [_VALUES[name].index(getattr(obj, name)) + 1 for name in LABELS]
+        labels[take] = [*values, cx / world.size, cy / world.size]
+    return labels
+
+
+class SceneFramesDataModule(L.LightningDataModule):
+    """Decoded frames of the synthetic clips (train/val splits of `scenes.jsonl`) with `cell_labels`."""
+
+    def __init__(
+        self,
+        data_dir: str = "outputs/shapes/data",
+        frames_per_clip: int = 8,
+        grid: int = 4,
+        batch_size: int = 128,
+        max_clips: int | None = None,
+    ):
+        """
+        Args:
+            data_dir: the synthetic dataset folder (with `scenes.jsonl` and `videos/`).
+            frames_per_clip: frames decoded per clip, uniformly over the clip.
+            grid: cells per side; must equal the video-LLM's token grid (image_size / patch_size / 2).
+            batch_size: frames per batch.
+            max_clips: use at most this many training clips (for quick runs).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tensors: dict[str, TensorDataset] = {}
+
+    def prepare_data(self) -> None:
+        path = Path(self.hparams.data_dir) / "scenes.jsonl"
+        if not path.exists():
+            raise RecordError(
+                path,
+                None,
+                None,
+                "no scenes file: build the synthetic dataset first (python -m datamodules synth --out DIR)",
+            )
+
+    def _load(self, split: str, max_clips: int | None) -> TensorDataset:
+        root = Path(self.hparams.data_dir)
+        frames, labels = [], []
+        with (root / "scenes.jsonl").open(encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+        rows = [row for row in rows if row["split"] == split][:max_clips]
+        for row in rows:
+            scene = Scene.from_dict(row["scene"])
+            count = self.hparams.frames_per_clip
+            clip = read_video(root / row["video"], count)
+            indices = np.linspace(0, scene.world.frames - 1, count).round().astype(int)
+            frames.append(clip)
+            labels.append(np.stack([cell_labels(scene, int(k), self.hparams.grid) for k in indices]))
+        pixels = (
+            torch.from_numpy(np.concatenate(frames)).permute(0, 3, 1, 2).contiguous()
+        )  # uint8 (N, 3, H, W)
+        return TensorDataset(pixels, torch.from_numpy(np.concatenate(labels)))
+
+    def setup(self, stage: str | None = None) -> None:
+        if "train" not in self.tensors:
+            self.tensors["train"] = self._load("train", self.hparams.max_clips)
+            self.tensors["val"] = self._load("val", None)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.tensors["train"], batch_size=self.hparams.batch_size, shuffle=True, drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.tensors["val"], batch_size=512)

@@ -1,0 +1,136 @@
+"""Combine the `test` reports of several aligned models into one comparison (the demo's final report).
+
+`python -m metrics.combine --out DIR --run sft=RUN_DIR --run dpo=RUN_DIR [--seconds N]` reads each run's
+paired metrics.json (f0 before, f1 after alignment), takes f0 from the first run, and writes `report.json`
+(`{"f0": {...}, "sft": {...}, "dpo": {...}, "seconds": N}`), `report.md` and `report.png` into DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from metrics.report import _atomic_write, combine_metrics_table
+
+TABLE_KEYS = (
+    "answerable_accuracy",
+    "unanswerable_accuracy/object",
+    "unanswerable_accuracy/relation",
+    "unanswerable_accuracy/attribute",
+    "reason_accuracy",
+    "unanswerable_f1",
+    "answerability_auroc",
+    "excessive_refusal",
+    "permissiveness",
+    "discretion",
+)
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(f0 scores, f1 scores incl. the paired ones) from a paired run's metrics.json."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.json (run `python main.py test` for this run first)")
+    metrics = json.loads(path.read_text())
+    if not all(isinstance(metrics.get(k), Mapping) for k in ("f0", "f1", "paired")):
+        raise ValueError(
+            f"{path}: not a paired report (f0, f1, paired); test a LoRA model or give f0_predictions"
+        )
+    f0 = {k: _number(v) for k, v in metrics["f0"].items()}
+    f1 = {k: _number(v) for k, v in {**metrics["f1"], **metrics["paired"]}.items()}
+    return f0, f1
+
+
+def combine(runs: Mapping[str, str | Path], seconds: float | None = None) -> dict[str, Any]:
+    """{"f0": ..., <run name>: ..., "seconds": ...} with f0 from the first run (all runs share one f0)."""
+    report: dict[str, Any] = {}
+    for name, run_dir in runs.items():
+        f0, f1 = load_run(run_dir)
+        report.setdefault("f0", f0)
+        report[name] = f1
+    report["seconds"] = seconds
+    return report
+
+
+def _plot(report: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [k for k in report if k != "seconds"]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(models)
+    for index, model in enumerate(models):
+        values = [report[model].get(key, float("nan")) for key in TABLE_KEYS]
+        positions = [i + index * width for i in range(len(TABLE_KEYS))]
+        ax.bar(positions, [0 if math.isnan(v) else v for v in values], width, label=model)
+    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(TABLE_KEYS))])
+    ax.set_xticklabels(
+        [k.replace("unanswerable_accuracy/", "unans. acc. ") for k in TABLE_KEYS],
+        rotation=30,
+        ha="right",
+        fontsize=8,
+    )
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("Answerability before (f0) and after alignment")
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    plt.close(fig)
+
+
+def write_combined(out_dir: str | Path, report: Mapping[str, Any]) -> str:
+    """Write report.json, report.md, report.png; returns the Markdown table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plain = {
+        k: (
+            {m: (None if math.isnan(v) else v) for m, v in vals.items()}
+            if isinstance(vals, Mapping)
+            else vals
+        )
+        for k, vals in report.items()
+    }
+    _atomic_write(out / "report.json", lambda f: f.write(json.dumps(plain, indent=2) + "\n"))
+    table = combine_metrics_table({k: v for k, v in report.items() if k != "seconds"}, keys=TABLE_KEYS)
+    seconds = report.get("seconds")
+    footer = f"\nWhole demo: {seconds:.0f} s.\n" if seconds is not None else ""
+    _atomic_write(out / "report.md", lambda f: f.write(table + footer))
+    _plot(report, out / "report.png")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m metrics.combine", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for report.json, report.md, report.png")
+    parser.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="NAME=RUN_DIR",
+        help="a tested run folder (with a paired metrics.json); repeat for each model",
+    )
+    parser.add_argument("--seconds", type=float, default=None, help="wall time of the whole pipeline")
+    args = parser.parse_args(argv)
+    try:
+        runs = dict(item.split("=", 1) for item in args.run)
+        table = write_combined(args.out, combine(runs, args.seconds))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
