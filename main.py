@@ -7,19 +7,32 @@ config can interpolate its own values (`${...}`). This file only wires; the work
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from datamodules.records import RecordError
+from datamodules.synthetic import SyntheticDatasetError
+from datamodules.video import VideoError
+
+# Errors that are the user's to fix (a bad record, pair, video or dataset setting): one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (RecordError, VideoError, SyntheticDatasetError)
+
 
 class AnswerabilityCLI(LightningCLI):
-    """LightningCLI where `--ckpt_path last` means the run folder's `checkpoints/last.ckpt`.
-
-    Lightning looks for "last" in its default checkpoint folder, which with a WandbLogger is a per-run W&B
-    folder, before the module's own checkpoint callback is attached; a resumed run would then start afresh.
+    """LightningCLI where the config and command line set the module, and a checkpoint only its weights and
+    training state; `--ckpt_path last` means the run folder's `checkpoints/last.ckpt`.
     """
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace the module's arguments with those saved in the checkpoint, silently
+        # dropping e.g. `--model.init_args.output_dir` or `f0_predictions` given to `test` with a checkpoint.
+        return
+
     def _resolve_last_checkpoint(self) -> None:
+        # Lightning looks for "last" in its default checkpoint folder (with a WandbLogger a per-run W&B
+        # folder), before the module's own checkpoint callback is attached: a resumed run would start afresh.
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") != "last":
             return
@@ -43,5 +56,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
+def main() -> int:
+    try:
+        cli_main()
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

@@ -26,7 +26,7 @@ LABELS = {
     "size": len(SIZES) + 1,
     "motion": len(MOTIONS) + 1,
 }
-_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "motion": MOTIONS}
+LABEL_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "motion": MOTIONS}
 
 
 def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.05) -> np.ndarray:
@@ -45,7 +45,7 @@ def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.
         cover = mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
         take = (cover > best) & (cover >= min_cover)
         best = np.where(take, cover, best)
-        values = [_VALUES[name].index(getattr(obj, name)) + 1 for name in LABELS]
+        values = [LABEL_VALUES[name].index(getattr(obj, name)) + 1 for name in LABELS]
         labels[take] = [*values, cx / world.size, cy / world.size]
     return labels
 

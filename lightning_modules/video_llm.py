@@ -124,16 +124,24 @@ def build_word_tokenizer(
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.Lowercase()
     # Split on whitespace, and keep punctuation and newlines as tokens of their own.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
-        pre_tokenizers.Split(Regex(r"[.,?:!']"), behavior="isolated"),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex(r"[.,?:!']"), behavior="isolated"),
+        ]
+    )
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tokenizer.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-        eos_token=eos_token, extra_special_tokens=named, padding_side="left", model_max_length=1024,
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token=eos_token,
+        extra_special_tokens=named,
+        padding_side="left",
+        model_max_length=1024,
     )
     return fast
 
@@ -150,9 +158,15 @@ def build_tiny_processor(vocabulary: list[str], arch: TinyArchitecture):
         size=size, crop_size=crop, image_grid_pinpoints=[[arch.image_size, arch.image_size]]
     )
     return LlavaNextVideoProcessor(
-        video_processor=video_processor, image_processor=image_processor, tokenizer=tokenizer,
-        chat_template=TINY_CHAT_TEMPLATE, patch_size=arch.patch_size, vision_feature_select_strategy="default",
-        video_token=VIDEO_TOKEN, image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+        video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=TINY_CHAT_TEMPLATE,
+        patch_size=arch.patch_size,
+        vision_feature_select_strategy="default",
+        video_token=VIDEO_TOKEN,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
     )
 
 
@@ -160,30 +174,50 @@ def tiny_vision_config(arch: TinyArchitecture):
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
-        hidden_size=arch.vision_hidden, intermediate_size=arch.vision_hidden * 4,
-        num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
-        image_size=arch.image_size, patch_size=arch.patch_size, projection_dim=arch.vision_hidden,
+        hidden_size=arch.vision_hidden,
+        intermediate_size=arch.vision_hidden * 4,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size,
+        patch_size=arch.patch_size,
+        projection_dim=arch.vision_hidden,
     )
 
 
 def build_tiny_model(tokenizer, arch: TinyArchitecture, vision_tower: str | None = None):
-    """A randomly initialised tiny `LlavaNextVideoForConditionalGeneration`, optionally with a pretrained tower."""
-    from transformers import CLIPVisionModel, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    """A randomly initialised tiny `LlavaNextVideoForConditionalGeneration`, maybe with a trained tower."""
+    from transformers import (
+        CLIPVisionModel,
+        LlamaConfig,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
 
     text_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=arch.text_hidden, intermediate_size=arch.text_hidden * 4,
-        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
-        num_key_value_heads=arch.text_heads, max_position_embeddings=arch.max_positions,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=arch.text_hidden,
+        intermediate_size=arch.text_hidden * 4,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_heads,
+        max_position_embeddings=arch.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
     )
     config = LlavaNextVideoConfig(
-        vision_config=tiny_vision_config(arch).to_dict(), text_config=text_config.to_dict(),
+        vision_config=tiny_vision_config(arch).to_dict(),
+        text_config=text_config.to_dict(),
         video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_select_strategy="default", vision_feature_layer=-1, spatial_pool_stride=2,
-        spatial_pool_mode="average", image_grid_pinpoints=[[arch.image_size, arch.image_size]],
-        video_seq_length=(arch.image_size // arch.patch_size) ** 2 // 4, tie_word_embeddings=False,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        spatial_pool_stride=2,
+        spatial_pool_mode="average",
+        image_grid_pinpoints=[[arch.image_size, arch.image_size]],
+        video_seq_length=(arch.image_size // arch.patch_size) ** 2 // 4,
+        tie_word_embeddings=True,  # answering by copying a word the video token carries
     )
     config.text_config.pad_token_id = tokenizer.pad_token_id
     model = LlavaNextVideoForConditionalGeneration(config)
@@ -194,10 +228,51 @@ def build_tiny_model(tokenizer, arch: TinyArchitecture, vision_tower: str | None
         tower = CLIPVisionModel.from_pretrained(vision_tower)
         missing, unexpected = model.model.vision_tower.load_state_dict(tower.state_dict(), strict=False)
         if missing or unexpected:
-            raise ValueError(f"vision tower {vision_tower}: mismatched weights (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}); was it trained with the same tiny sizes?")
-        _match_projector_scale(model)
+            raise ValueError(
+                f"vision tower {vision_tower}: mismatched weights (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); was it trained with the same tiny sizes?"
+            )
+        if not _project_to_words(model, tokenizer, Path(vision_tower)):
+            _match_projector_scale(model)
     return model
+
+
+def _project_to_words(model: nn.Module, tokenizer, tower_dir: Path) -> bool:
+    """Start the projector as "tower concept -> word embedding", when the tower comes with its probe heads.
+
+    The vision pretraining stage saves linear heads that read each video-token cell's shape, colour, size
+    and motion (`cell_heads.safetensors`, class names in `cell_heads.json`). The projector's first layer
+    starts as those heads (one hidden unit per class), its second layer maps each class unit to the
+    embedding of the class's word ("red", "circle", ...; none for "no object"). A video token then starts
+    near the sum of its object's word embeddings, and with tied input/output embeddings the language model
+    can answer by copying: the closed-form version of LLaVA's projector-alignment stage. Returns False when
+    the tower has no heads.
+    """
+    heads_path, names_path = tower_dir / "cell_heads.safetensors", tower_dir / "cell_heads.json"
+    if not (heads_path.is_file() and names_path.is_file()):
+        return False
+    from safetensors.torch import load_file
+
+    heads = load_file(str(heads_path))
+    info = json.loads(names_path.read_text())
+    classes: list[str] = info["classes"]  # one name per head row; "" for rows that map to no word
+    projector = model.model.multi_modal_projector
+    first, second = projector.linear_1, projector.linear_2
+    if len(classes) > first.out_features:
+        return False
+    embeddings = model.get_input_embeddings().weight
+    unk = tokenizer.unk_token_id
+    with torch.no_grad():
+        first.weight[: len(classes)] = heads["weight"]
+        first.bias[: len(classes)] = heads["bias"]
+        second.weight[:, : len(classes)] = 0.0
+        for unit, word in enumerate(classes):
+            token = tokenizer.convert_tokens_to_ids(word) if word else unk
+            if word and token != unk:
+                second.weight[:, unit] = embeddings[token] / float(info.get("typical_logit", 1.0))
+        second.weight[:, len(classes):] *= 0.1
+        second.bias.zero_()
+    return True
 
 
 def _match_projector_scale(model: nn.Module) -> None:
@@ -211,7 +286,8 @@ def _match_projector_scale(model: nn.Module) -> None:
         arch_size = model.config.vision_config.image_size
         pixels = torch.randn(8, 3, arch_size, arch_size)
         features = model.model.get_video_features(
-            pixels.unsqueeze(0), vision_feature_layer=model.config.vision_feature_layer,
+            pixels.unsqueeze(0),
+            vision_feature_layer=model.config.vision_feature_layer,
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         ).pooler_output
         scale = float(text_norm / features.norm(dim=-1).mean().clamp_min(1e-6))
@@ -242,7 +318,10 @@ def load_video_llm(config: VideoLLMConfig, vocabulary: list[str] | None = None) 
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = config.name_or_path
-        kwargs: dict[str, Any] = {"dtype": _dtype(config.torch_dtype), "trust_remote_code": config.trust_remote_code}
+        kwargs: dict[str, Any] = {
+            "dtype": _dtype(config.torch_dtype),
+            "trust_remote_code": config.trust_remote_code,
+        }
         if config.attn_implementation:
             kwargs["attn_implementation"] = config.attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
@@ -286,7 +365,9 @@ def prepare_for_training(model: nn.Module, config: VideoLLMConfig) -> nn.Module:
         targets = "|".join(config.lora.target_modules)
         excluded = "|".join([*VISION_TOWER_NAMES, "multi_modal_projector"])
         peft_config = LoraConfig(
-            r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
             target_modules=rf"^(?!.*({excluded})).*\.({targets})$",
         )
         model = get_peft_model(model, peft_config)

@@ -7,6 +7,7 @@ motion and centre. At the end of `fit` the tower is saved for `VideoLLMConfig.vi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -93,6 +94,34 @@ class VisionPretraining(L.LightningModule):
         for key, value in out.items():
             self.log(f"val/{key}", value, prog_bar=key.startswith("acc_"))
 
+    def save_heads(self, folder: Path) -> None:
+        """Save the probe heads with a word per class row, for `video_llm` to start its projector from."""
+        from safetensors.torch import save_file
+
+        from datamodules.scene_frames import LABEL_VALUES
+
+        classes = [name for head in LABELS for name in ["", *LABEL_VALUES[head]]] + ["", ""]  # + centre x, y
+        weight, bias = self.heads.weight.detach().clone(), self.heads.bias.detach().clone()
+        tensors = {"weight": weight.contiguous(), "bias": bias.contiguous()}
+        save_file(tensors, str(folder / "cell_heads.safetensors"))
+        info = {"classes": classes, "typical_logit": self.typical_logit()}
+        (folder / "cell_heads.json").write_text(json.dumps(info, indent=2))
+
+    @torch.no_grad()
+    def typical_logit(self) -> float:
+        """Mean winning class logit on occupied cells of a validation batch (scales the word projection)."""
+        loader = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule else None
+        if loader is None:
+            return 1.0
+        pixels, labels = next(iter(loader))
+        out = self.heads(self.cell_features(pixels.to(self.device)))
+        occupied = labels[..., 0].to(self.device) > 0
+        winners, start = [], 0
+        for classes in LABELS.values():
+            winners.append(out[..., start : start + classes].max(-1).values[occupied])
+            start += classes
+        return float(torch.cat(winners).clamp_min(0).mean().clamp_min(1.0))
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
@@ -107,4 +136,5 @@ class VisionPretraining(L.LightningModule):
         if self.trainer.is_global_zero:
             folder = Path(self.hparams.output_dir)
             self.tower.save_pretrained(folder)
+            self.save_heads(folder)
             print(f"saved the pretrained vision tower to {folder}")

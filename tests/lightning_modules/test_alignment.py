@@ -1,0 +1,333 @@
+"""AlignmentModule through `main.py fit`: SFT and DPO smoke runs, the DPO reference, checkpoints that hold the
+trainable weights only and resume exactly, the exported adapter, label masking and the bad-pair errors.
+
+Runs use the tiny LLaVA-NeXT-Video model (1-layer towers, width 32) on a 12-clip synthetic dataset; the
+shared fixtures are in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.answerability import (
+    IGNORE_INDEX,
+    AnswerabilityDataModule,
+    ChatCollator,
+    EpochSeededSampler,
+    Example,
+)
+from datamodules.records import RecordError, read_records
+from datamodules.video import read_video
+from datamodules.writers import template_vocabulary
+from lightning_modules.video_llm import TinyArchitecture, VideoLLMConfig, build_tiny_processor, load_video_llm
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+               "logps/rejected")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from intra-op threads, which only add synchronisation (on a busy
+    2-core machine a step was 40x slower with two threads than with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """The embedded tiny model's processor (its sizes do not matter to the collator beyond the frame size)."""
+    return build_tiny_processor(template_vocabulary(), TinyArchitecture())
+
+
+def items_of(data_dir: Path, ids: list[str] | None = None, split: str = "train", num_frames: int = 2):
+    """(Example, frames) pairs of the records of `split` with the given ids (default: all)."""
+    records, _ = read_records(data_dir / f"{split}.jsonl", data_dir)
+    if ids is not None:
+        by_id = {r.id: r for r in records}
+        records = [by_id[i] for i in ids]
+    return [
+        (Example(r, str(data_dir / r.video), r.rejected, str(data_dir / f"{split}.jsonl")),
+         read_video(data_dir / r.video, num_frames))
+        for r in records
+    ]
+
+
+def trainable_keys(module) -> set[str]:
+    return {f"llm.{name}" for name, p in module.llm.named_parameters() if p.requires_grad}
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def record_rows(data_dir: Path, split: str = "train") -> list[dict]:
+    return [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------- collator
+def test_labels_cover_the_response_only(processor, synthetic_data):
+    """sft and dpo rows: a label on each response token and the end of turn; prompt, video tokens and left
+    padding are IGNORE_INDEX; dpo puts the chosen rows first, then the rejected rows."""
+    rows = record_rows(synthetic_data)
+    answerable = next(r for r in rows if r["answerable"])
+    unanswerable = next(r for r in rows if not r["answerable"])
+    items = items_of(synthetic_data, [answerable["id"], unanswerable["id"]])
+    tokenizer = processor.tokenizer
+
+    def check(batch, responses):
+        assert batch["labels"].shape == batch["input_ids"].shape
+        assert (batch["attention_mask"] == 0).any(), "rows of different lengths: some left padding"
+        for row, response in enumerate(responses):
+            labels, ids = batch["labels"][row], batch["input_ids"][row]
+            expected = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            kept = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+            assert kept == list(range(len(labels) - len(expected), len(labels))), f"row {row}"
+            assert labels[kept].tolist() == expected == ids[kept].tolist()
+            assert tokenizer.unk_token_id not in ids.tolist()
+        assert (batch["labels"][batch["input_ids"] == processor.video_token_id] == IGNORE_INDEX).all()
+        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+    answers = [answerable["answer"], unanswerable["answer"]]
+    check(ChatCollator(processor, "sft")(items), answers)
+    dpo = ChatCollator(processor, "dpo")(items)
+    assert dpo["input_ids"].shape[0] == 4 and dpo["ids"] == [answerable["id"], unanswerable["id"]]
+    check(dpo, answers + [answerable["rejected"], unanswerable["rejected"]])
+
+
+def test_over_long_prompt_is_an_error_naming_the_record(processor, synthetic_data):
+    """max_length below the video tokens: a RecordError naming the file and the record, never a cut prompt."""
+    items = items_of(synthetic_data)[:2]
+    video_tokens = int((ChatCollator(processor, "generate")(items)["input_ids"] == processor.video_token_id)
+                       .sum(dim=1).max())
+    first = items[0][0].record.id
+    for mode in ("sft", "dpo", "generate"):
+        with pytest.raises(RecordError, match=rf"train\.jsonl: field 'question': record '{first}'"
+                           rf".* over max_length={video_tokens - 1}"):
+            ChatCollator(processor, mode, max_length=video_tokens - 1)(items)
+
+    module = AnswerabilityDataModule(data_dir=str(synthetic_data), num_frames=2, batch_size=4, max_length=10,
+                                     processor=processor)
+    module.setup("fit")
+    with pytest.raises(RecordError, match=r"train\.jsonl: field 'question': record 'v\d+-q\d+'.*length=10"):
+        next(iter(module.train_dataloader()))
+
+
+# ------------------------------------------------------------------------------------------ bad pairs
+def dpo_module(processor, data_dir: Path, train: Path, **kwargs) -> AnswerabilityDataModule:
+    return AnswerabilityDataModule(
+        data_dir=str(train.parent), train_file=train.name, val_file=None, test_file=None,
+        video_root=str(data_dir), objective="dpo", num_frames=2, processor=processor, **kwargs,
+    )
+
+
+def test_dpo_record_without_rejected_response_is_an_error(processor, synthetic_data, tmp_path):
+    rows = record_rows(synthetic_data)
+    rows[3]["rejected"] = None
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(RecordError) as error:
+        dpo_module(processor, synthetic_data, train).setup("fit")
+    assert error.value.path == str(train) and error.value.field == "rejected"
+    assert f"record {rows[3]['id']!r} has no rejected response" in str(error.value)
+
+
+def test_rejected_predictions_must_cover_every_record(processor, synthetic_data, tmp_path):
+    """A predictions file missing an id, or with an id of no record: an error naming the file and the id."""
+    rows = record_rows(synthetic_data)
+    unanswerable = [r["id"] for r in rows if not r["answerable"]]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"id": i, "response": "red"}
+                                                       for i in unanswerable[1:]])
+    with pytest.raises(RecordError) as error:
+        dpo_module(processor, synthetic_data, train, rejected_predictions=str(missing)).setup("fit")
+    assert error.value.path == str(missing) and error.value.field == "id"
+    assert f"no prediction for record {unanswerable[0]!r}" in str(error.value)
+
+    extra = [{"id": i, "response": "red"} for i in unanswerable] + [{"id": "nowhere-q9", "response": "red"}]
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", extra)
+    with pytest.raises(RecordError, match=r"unknown\.jsonl: field 'id': prediction 'nowhere-q9' matches no"):
+        dpo_module(processor, synthetic_data, train, rejected_predictions=str(unknown)).setup("fit")
+
+    complete = write_jsonl(tmp_path / "complete.jsonl", extra[:-1])
+    module = dpo_module(processor, synthetic_data, train, rejected_predictions=str(complete))
+    module.setup("fit")
+    examples = module.datasets["train"].examples
+    assert {e.record.id: e.rejected for e in examples if not e.record.answerable} == dict.fromkeys(
+        unanswerable, "red")
+    assert all(e.rejected == e.record.rejected for e in examples if e.record.answerable)
+
+
+def test_training_order_depends_on_seed_and_epoch_only(synthetic_data, processor):
+    """The shuffled order is a function of (seed, epoch), so a resumed run sees the batches of an
+    uninterrupted one."""
+    module = AnswerabilityDataModule(data_dir=str(synthetic_data), num_frames=2, processor=processor)
+    module.setup("fit")
+    sampler = module.train_dataloader().sampler
+    assert isinstance(sampler, EpochSeededSampler)
+    first = list(sampler)
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert list(sampler) == first and sorted(first) == list(range(len(first)))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+# --------------------------------------------------------------------------------------------- fit
+def test_fit_sft_smoke(tmp_path, cli_args, run_main, synthetic_data):
+    """Full fine-tuning SFT for 2 steps: losses logged, a checkpoint of the trainable weights only (no frozen
+    vision tower), and an exported model that loads by path and gives the module's logits."""
+    cli = run_main(cli_args("fit", tmp_path, steps=2, extra=["--trainer.val_check_interval=2"]))
+    module, trainer = cli.model, cli.trainer
+    assert trainer.global_step == 2
+    for key in ("train/loss", "val/loss"):
+        assert torch.isfinite(trainer.callback_metrics[key]), key
+
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert set(checkpoint["state_dict"]) == trainable_keys(module)
+    assert not any("vision_tower" in key for key in checkpoint["state_dict"])
+
+    exported = tmp_path / "hf_model"
+    assert (exported / "model.safetensors").is_file() and (exported / "config.json").is_file()
+    model, _ = load_video_llm(VideoLLMConfig(name_or_path=str(exported), num_frames=2))
+    batch = ChatCollator(module.processor, "sft")(items_of(synthetic_data)[:2])
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**module._inputs(batch)).logits, module(batch))
+
+
+def test_dpo_lora_fit_logs_rewards_and_logps(lora_dpo_run):
+    """LoRA DPO logs the loss, the rewards and both log-probs (train and val), to W&B too; the reference is
+    the model with adapters disabled, not a copy."""
+    metrics = lora_dpo_run.metrics
+    for key in ("train/loss", *DPO_METRICS, "val/loss", *(f"val_{k}" for k in DPO_METRICS)):
+        assert key in metrics and metrics[key] == metrics[key], f"{key} missing or NaN: {sorted(metrics)}"
+    assert 0.0 <= metrics["rewards/accuracy"] <= 1.0
+    assert metrics["rewards/margin"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"],
+                                                      abs=1e-6)
+    assert metrics["logps/chosen"] < 0 and metrics["logps/rejected"] < 0
+    assert lora_dpo_run.cli.trainer.global_step == 3
+
+    module = lora_dpo_run.cli.model
+    assert module.uses_lora and module.reference is None, "LoRA: the reference is the adapters-disabled model"
+    assert not any(name.startswith("reference.") for name, _ in module.named_parameters())
+
+    runs = list((lora_dpo_run.out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, "one offline W&B run"
+    logged = runs[0].read_bytes()
+    for key in ("train/loss", *DPO_METRICS):
+        assert key.encode() in logged, f"{key} not in the W&B run"
+
+
+def test_lora_checkpoint_holds_adapter_weights_only(lora_dpo_run):
+    module = lora_dpo_run.cli.model
+    checkpoint = load_checkpoint(lora_dpo_run.out / "checkpoints" / "last.ckpt")
+    state = checkpoint["state_dict"]
+    assert state and all("lora_" in key for key in state), [k for k in state if "lora_" not in k][:3]
+    assert set(state) == trainable_keys(module)
+    current = dict(module.named_parameters())
+    for key, value in state.items():
+        torch.testing.assert_close(value, current[key].detach(), rtol=0, atol=0)
+    assert checkpoint["global_step"] == 3
+
+
+def test_exported_adapter_loads_with_peft(lora_dpo_run, synthetic_data):
+    """hf_model/ is a peft adapter: PeftModel.from_pretrained(base, folder) gives the module's logits."""
+    from peft import PeftModel
+
+    folder = lora_dpo_run.out / "hf_model"
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    assert not (folder / "model.safetensors").exists(), "the adapter, not a merged model"
+
+    module = lora_dpo_run.cli.model.eval()
+    base, _ = load_video_llm(VideoLLMConfig(name_or_path=str(lora_dpo_run.base), num_frames=2))
+    with torch.no_grad():
+        batch = ChatCollator(module.processor, "sft")(items_of(synthetic_data, split="val")[:3])
+        inputs = module._inputs(batch)
+        base_logits = base.eval()(**inputs).logits
+        loaded = PeftModel.from_pretrained(base, folder).eval()
+        torch.testing.assert_close(loaded(**inputs).logits, module(batch))
+    assert not torch.allclose(base_logits, module(batch), atol=1e-6), "the adapter changed the model"
+
+
+def test_full_finetuning_dpo_reference_is_a_frozen_copy(tmp_path, cli_args, run_main, tiny_base):
+    cli = run_main(cli_args("fit", tmp_path, objective="dpo", base=tiny_base, steps=2,
+                            extra=["--model.init_args.lr=0.01", "--trainer.limit_val_batches=0"]))
+    module = cli.model
+    reference = module.reference
+    assert reference is not None and reference is not module.llm
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    optimized = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in reference.parameters()}
+
+    fresh, _ = load_video_llm(VideoLLMConfig(name_or_path=str(tiny_base), num_frames=2))
+    fresh_state = fresh.state_dict()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(value, fresh_state[name], rtol=0, atol=0, msg=name)
+    policy = dict(module.llm.named_parameters())
+    assert any(not torch.equal(policy[n], fresh_state[n]) for n, p in policy.items() if p.requires_grad)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
+    assert set(state) == trainable_keys(module), "no reference weights in the checkpoint"
+
+
+class StopAfter(L.Callback):
+    """Stops training after `steps` optimizer steps: an interrupted run whose schedule spans max_steps."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, cli_args, run_main, tiny_base):
+    """2 epochs of 2 steps straight == interrupted after epoch 1, then `--ckpt_path last` (LoRA, a cosine
+    schedule over the 4 steps, shuffled batches). The resumed run logs to W&B: `last` must still find the run
+    folder's checkpoint, not look in a W&B folder.
+
+    Exact at epoch ends: a mid-epoch `last.ckpt` restarts the epoch's data (Lightning warns), and Lightning
+    2.6 misplaces an epoch-end resume of a max_steps-bounded run, hence max_epochs here."""
+    import wandb
+
+    def args(out: Path, subcommand: str | None = "fit", **kwargs) -> list[str]:
+        return cli_args(subcommand, out, base=tiny_base, lora=True, steps=-1, **kwargs,
+                        extra=["--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
+                               "--trainer.limit_val_batches=0", "--model.init_args.lr=0.01",
+                               "--model.init_args.warmup_steps=1"])
+
+    def adapters(module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in module.llm.named_parameters() if p.requires_grad}
+
+    straight = adapters(run_main(args(tmp_path / "straight")).model)
+
+    interrupted = run_main(args(tmp_path / "resumed", subcommand=None), run=False)
+    interrupted.trainer.callbacks.append(StopAfter(2))
+    interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert interrupted.trainer.global_step == 2 and load_checkpoint(last)["global_step"] == 2
+    halfway = adapters(interrupted.model)
+
+    try:
+        resumed = run_main(args(tmp_path / "resumed", logger=tmp_path / "wandb") + ["--ckpt_path=last"])
+    finally:
+        wandb.finish()
+    assert Path(resumed.trainer.ckpt_path) == last
+    assert resumed.trainer.global_step == 4
+    final = adapters(resumed.model)
+    assert straight.keys() == final.keys()
+    assert any(not torch.allclose(halfway[n], straight[n]) for n in straight), "steps 3-4 moved the adapters"
+    for name in straight:
+        torch.testing.assert_close(final[name], straight[name], msg=name)

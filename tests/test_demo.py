@@ -1,0 +1,95 @@
+"""A reduced run of the demo chain (`make demo`): the same commands with small sizes and few steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, cwd: Path) -> None:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+
+
+@pytest.mark.slow
+def test_reduced_demo_chain(tmp_path):
+    out = tmp_path / "o"
+    data = out / "data"
+    common = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    tiny = ["--data.init_args.data_dir", str(data)]
+    _run("-m", "datamodules", "synth", "--out", str(data), "--num-videos", "120", "--seed", "0", cwd=ROOT)
+    _run(
+        "main.py",
+        "fit",
+        "-c",
+        "configs/shapes/vision.yaml",
+        *common,
+        "--trainer.max_epochs",
+        "2",
+        "--data.init_args.data_dir",
+        str(data),
+        "--model.init_args.output_dir",
+        str(out / "tower"),
+        cwd=ROOT,
+    )
+    base = out / "base"
+    _run(
+        "main.py",
+        "fit",
+        "-c",
+        "configs/shapes/base.yaml",
+        *common,
+        *tiny,
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.default_root_dir",
+        str(base),
+        "--model.init_args.model.vision_tower",
+        str(out / "tower"),
+        cwd=ROOT,
+    )
+    assert (base / "hf_model" / "model.safetensors").exists()
+    sft = out / "sft"
+    _run(
+        "main.py",
+        "fit",
+        "-c",
+        "configs/shapes/sft.yaml",
+        *common,
+        *tiny,
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.default_root_dir",
+        str(sft),
+        "--model.init_args.model.name_or_path",
+        str(base / "hf_model"),
+        cwd=ROOT,
+    )
+    _run(
+        "main.py",
+        "test",
+        "-c",
+        "configs/shapes/sft.yaml",
+        *common,
+        *tiny,
+        "--trainer.default_root_dir",
+        str(sft),
+        "--model.init_args.model.name_or_path",
+        str(base / "hf_model"),
+        "--ckpt_path",
+        str(sft / "checkpoints" / "last.ckpt"),
+        cwd=ROOT,
+    )
+    _run("-m", "metrics.combine", "--out", str(out / "demo"), "--run", f"sft={sft}", cwd=ROOT)
+    report = json.loads((out / "demo" / "report.json").read_text())
+    assert report["sft"]["unanswerable_accuracy"] > report["f0"]["unanswerable_accuracy"]
+    for name in ("predictions.jsonl", "metrics.json", "report.md", "report.png"):
+        assert (sft / name).exists()
