@@ -208,7 +208,8 @@ class AnswerabilityDataModule(L.LightningDataModule):
             unanswerable_fraction: share of unanswerable records in the training mix (0 keeps answerable only,
                 None keeps the files' mix); the larger side is subsampled, deterministically for `seed`.
             predict_answerable: for `predict`, keep only answerable (True) or unanswerable (False) records.
-            rejected_predictions: a `predictions.jsonl` (id, response) whose responses are the rejected
+            rejected_predictions: a `predictions.jsonl` (id, response; a path as given, not inside data_dir)
+                whose responses are the rejected
                 side of DPO pairs, for the records selected by `rejected_predictions_for`.
             num_frames: frames sampled uniformly over each clip.
             batch_size: global training batch size (divided by the world size).
@@ -292,7 +293,7 @@ class AnswerabilityDataModule(L.LightningDataModule):
             covered = {
                 r.id for r in records if which == "all" or (which == "unanswerable") == (not r.answerable)
             }
-            predictions = read_predictions(self._path(source))
+            predictions = read_predictions(source)
             unknown = sorted(set(predictions) - covered)
             missing = sorted(covered - set(predictions))
             if missing:
