@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.records import QARecord, RecordError, read_records
 from datamodules.video import read_video
+from datamodules.writers import REFUSAL_TEMPLATE
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-REFUSAL_OPENING = "The question is unanswerable"
+# The opening of every gold refusal; its likelihood ranks items by how likely the model is to refuse.
+REFUSAL_OPENING = REFUSAL_TEMPLATE.split(" because")[0]
 
 
 @dataclass(frozen=True)
