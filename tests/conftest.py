@@ -25,6 +25,16 @@ TINY_ARCH = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_h
 NUM_FRAMES = 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from intra-op threads, which only add synchronisation (on a busy
+    2-core machine a step was 40x slower with two threads than with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """12 rendered clips with train (68 records) / val (6) / test (6) files."""

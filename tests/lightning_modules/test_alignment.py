@@ -32,16 +32,6 @@ DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/
                "logps/rejected")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads, which only add synchronisation (on a busy
-    2-core machine a step was 40x slower with two threads than with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def processor():
     """The embedded tiny model's processor (its sizes do not matter to the collator beyond the frame size)."""

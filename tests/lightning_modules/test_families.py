@@ -39,16 +39,6 @@ TOWERS = ("vision_tower.", "visual.", "video_tower.", "image_tower.")
 families = pytest.mark.parametrize("family", list(FAMILIES))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads, which only add synchronisation (on a busy
-    2-core machine a step was 40x slower with two threads than with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """family -> folder of its tiny checkpoint (model + processor), built once per module."""
