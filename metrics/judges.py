@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from metrics.refusal import is_refusal, reason_ok
+from metrics.refusal import NUMBER_WORDS, is_refusal, reason_ok
 
 __all__ = [
     "ChatJudge",
@@ -108,20 +108,7 @@ class Judge(ABC):
 
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 _NUMBER_WORDS = {
-    "zero": "0",
-    "none": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-    "eleven": "11",
-    "twelve": "12",
+    **NUMBER_WORDS,
     "thirteen": "13",
     "fourteen": "14",
     "fifteen": "15",

@@ -296,8 +296,10 @@ _STOPWORDS = frozenset(
 )
 # The words that carry a relation's meaning ("left", "above", "behind", "under") are kept; the common
 # prepositions above are dropped because their wording varies freely ("on top of" ~ "on", "into" ~ "in").
-_NUMBERS = {
+# Number words as digits: shared with the judges' answer normalisation (metrics.judges).
+NUMBER_WORDS = {
     "zero": "0",
+    "none": "0",
     "one": "1",
     "two": "2",
     "three": "3",
@@ -310,9 +312,8 @@ _NUMBERS = {
     "ten": "10",
     "eleven": "11",
     "twelve": "12",
-    "none": "0",
-    "no": "0",
 }
+_NUMBERS = {**NUMBER_WORDS, "no": "0"}  # "there is no dog" names zero dogs
 _SPELLING = {
     "colour": "color",
     "grey": "gray",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,19 +229,19 @@ def object_candidates(
     videos: list[MomaVideo], taxonomy: MomaTaxonomy, rng: random.Random, split: str | None = None
 ) -> Iterator[Candidate | Skip]:
     """Object perturbations over all (entity, fact) sites, videos shuffled and visited round-robin."""
-    order = list(videos)
-    rng.shuffle(order)
-    yield from _dangling(order)
-    per_video = []
-    for video in order:
-        graph = video.graph
-        sites = []
+
+    def sites_of(video: MomaVideo) -> list[tuple]:
+        graph, sites = video.graph, []
         for entity in sorted(graph.actors | graph.objects):
             kind = "actor" if entity in graph.actors else "object"
             sites.extend((video, entity, kind, fact) for fact in graph.facts_with(entity))
-        rng.shuffle(sites)
-        per_video.append(sites)
-    for video, entity, kind, fact in interleave(per_video):
+        return sites
+
+    for site in _visit(videos, rng, sites_of):
+        if isinstance(site, Skip):
+            yield site
+            continue
+        video, entity, kind, fact = site
         if is_placeholder(entity) or _has_placeholder(fact):
             yield Skip(SKIP_PLACEHOLDER)
             continue
@@ -263,15 +263,11 @@ def relation_candidates(
     videos: list[MomaVideo], taxonomy: MomaTaxonomy, rng: random.Random, split: str | None = None
 ) -> Iterator[Candidate | Skip]:
     """Relation perturbations over all facts, videos shuffled and visited round-robin."""
-    order = list(videos)
-    rng.shuffle(order)
-    yield from _dangling(order)
-    per_video = []
-    for video in order:
-        sites = [(video, fact) for fact in video.graph.facts]
-        rng.shuffle(sites)
-        per_video.append(sites)
-    for video, fact in interleave(per_video):
+    for site in _visit(videos, rng, lambda video: [(video, fact) for fact in video.graph.facts]):
+        if isinstance(site, Skip):
+            yield site
+            continue
+        video, fact = site
         if _has_placeholder(fact):
             yield Skip(SKIP_PLACEHOLDER)
             continue
@@ -281,6 +277,22 @@ def relation_candidates(
             continue
         meta = {"split": split, "predicate_type": fact.predicate_type}
         yield Candidate("moma", video.graph.video, result, meta)
+
+
+def _visit(
+    videos: list[MomaVideo], rng: random.Random, sites_of: Callable[[MomaVideo], list[tuple]]
+) -> Iterator[Skip | tuple]:
+    """Videos in shuffled order: their dangling-reference skips first, then every video's sites (each list
+    shuffled) round-robin, so that a `--num` limit samples across videos."""
+    order = list(videos)
+    rng.shuffle(order)
+    yield from _dangling(order)
+    per_video = []
+    for video in order:
+        sites = sites_of(video)
+        rng.shuffle(sites)
+        per_video.append(sites)
+    yield from interleave(per_video)
 
 
 def _dangling(videos: list[MomaVideo]) -> Iterator[Skip]:
