@@ -32,12 +32,16 @@ REFUSAL_OPENING = REFUSAL_TEMPLATE.split(" because")[0]
 
 @dataclass(frozen=True)
 class Example:
-    """One item for the collator: a record and, for DPO, the rejected response it is paired with."""
+    """One item for the collator: a record and, for DPO, the rejected response it is paired with.
+
+    `follow_ups` are further records about the same clip, asked as later turns of one conversation (SFT only).
+    """
 
     record: QARecord
     video_path: str
     rejected: str | None = None
     record_file: str = "<records>"
+    follow_ups: tuple[QARecord, ...] = ()
 
 
 class ExampleDataset(Dataset):
@@ -93,46 +97,69 @@ class ChatCollator:
         self.processor, self.mode, self.max_length = processor, mode, max_length
         self.tokenizer = processor.tokenizer
 
+    @staticmethod
+    def _conversation(turns: Sequence[tuple[str, str | None]]) -> list[dict]:
+        """Chat messages for (question, response) turns; the clip comes with the first question."""
+        messages: list[dict] = []
+        for index, (question, response) in enumerate(turns):
+            content = [{"type": "video"}] if index == 0 else []
+            messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+            if response is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+        return messages
+
     def prompt(self, question: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(
+            self._conversation([(question, None)]), add_generation_prompt=True, tokenize=False
+        )
 
     def full_text(self, question: str, response: str) -> str:
-        conversation = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": response}]},
-        ]
-        text = self.processor.apply_chat_template(conversation, tokenize=False)
-        return text.rstrip()
+        return self._chat([(question, response)])
+
+    def _chat(self, turns: Sequence[tuple[str, str | None]], generation_prompt: bool = False) -> str:
+        text = self.processor.apply_chat_template(
+            self._conversation(turns), add_generation_prompt=generation_prompt, tokenize=False
+        )
+        return text if generation_prompt else text.rstrip()
 
     def _encode(self, texts: list[str], videos: list[np.ndarray]) -> dict[str, torch.Tensor]:
         return dict(self.processor(text=texts, videos=videos, return_tensors="pt", padding=True))
 
+    def _text_length(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
     def _labelled(self, examples: list[Example], responses: list[str], videos: list[np.ndarray]) -> dict:
-        prompts = [self.prompt(e.record.question) for e in examples]
-        texts = [self.full_text(e.record.question, r) for e, r in zip(examples, responses, strict=True)]
-        batch = self._encode(texts, videos)
-        prompt_lengths = self._prompt_lengths(prompts, videos, examples)
-        labels = batch["input_ids"].clone()
+        """Encode each example's conversation; labels on its responses only.
+
+        The first turn's response is `responses[i]`; an example's `follow_ups` add turns with gold answers.
+        A response's span is found from text-only token counts of the conversation up to it, shifted by the
+        number of tokens the processor adds when it expands the clip into video tokens (the clip is in the
+        first turn, so every span moves by the same amount): the clip is processed once per batch.
+        """
+        conversations = [
+            [(e.record.question, r), *((f.question, f.answer) for f in e.follow_ups)]
+            for e, r in zip(examples, responses, strict=True)
+        ]
+        batch = self._encode([self._chat(turns) for turns in conversations], videos)
         attention = batch["attention_mask"]
-        for row, prompt_length in enumerate(prompt_lengths):
-            start = int((attention[row] == 0).sum())  # left padding
-            labels[row, : start + prompt_length] = IGNORE_INDEX
-        labels[attention == 0] = IGNORE_INDEX
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        prompt_lengths = []
+        for row, turns in enumerate(conversations):
+            length = int(attention[row].sum())
+            expansion = length - self._text_length(self._chat(turns))
+            padding = attention.shape[1] - length  # left padding
+            for turn in range(len(turns)):
+                asked = self._chat([*turns[:turn], (turns[turn][0], None)], generation_prompt=True)
+                start = padding + self._text_length(asked) + expansion
+                end = padding + self._text_length(self._chat(turns[: turn + 1])) + expansion
+                labels[row, start:end] = batch["input_ids"][row, start:end]
+                if turn == 0:
+                    prompt_lengths.append(start - padding)
+        self._check_length(torch.tensor(prompt_lengths), examples)
         batch["labels"] = labels
-        self._check_length(batch, examples)
         return batch
 
-    def _prompt_lengths(
-        self, prompts: list[str], videos: list[np.ndarray], examples: list[Example]
-    ) -> list[int]:
-        encoded = self._encode(prompts, videos)
-        lengths = encoded["attention_mask"].sum(dim=1).tolist()
-        self._check_length(encoded, examples)
-        return [int(n) for n in lengths]
-
-    def _check_length(self, batch: dict, examples: list[Example]) -> None:
-        lengths = batch["attention_mask"].sum(dim=1)
+    def _check_length(self, lengths: torch.Tensor, examples: list[Example]) -> None:
         for example, length in zip(examples, lengths.tolist(), strict=True):
             if length > self.max_length:
                 raise RecordError(
@@ -156,7 +183,7 @@ class ChatCollator:
         else:
             prompts = [self.prompt(e.record.question) for e in examples]
             batch = self._encode(prompts, videos)
-            self._check_length(batch, examples)
+            self._check_length(batch["attention_mask"].sum(dim=1), examples)
             refusal = self._labelled(examples, [REFUSAL_OPENING] * len(examples), videos)
             # The chat template closes the turn after the opening; keep only the opening's tokens.
             opening = len(self.tokenizer(" " + REFUSAL_OPENING, add_special_tokens=False)["input_ids"])
@@ -193,6 +220,7 @@ class AnswerabilityDataModule(L.LightningDataModule):
         rejected_predictions: str | None = None,
         rejected_predictions_for: Literal["all", "unanswerable", "answerable"] = "unanswerable",
         num_frames: int = 4,
+        turns_per_example: int = 1,
         batch_size: int = 16,
         eval_batch_size: int = 64,
         max_length: int = 1024,
@@ -211,10 +239,13 @@ class AnswerabilityDataModule(L.LightningDataModule):
                 None keeps the files' mix); the larger side is subsampled, deterministically for `seed`.
             predict_answerable: for `predict`, keep only answerable (True) or unanswerable (False) records.
             rejected_predictions: a `predictions.jsonl` (id, response; a path as given, not inside data_dir)
-                whose responses are the rejected
-                side of DPO pairs, for the records selected by `rejected_predictions_for`.
+                whose responses are the rejected side of DPO pairs, for the records selected by
+                `rejected_predictions_for`.
             num_frames: frames sampled uniformly over each clip.
-            batch_size: global training batch size (divided by the world size).
+            turns_per_example: for SFT training, pack up to this many questions about one clip into one
+                multi-turn conversation (LLaVA-style: the clip is encoded once for several answers); 1 keeps
+                one question per example. Validation, test and predict always ask one question per prompt.
+            batch_size: global training batch size in examples (divided by the world size).
             max_length: the longest prompt + response in tokens; longer prompts are errors.
             synthetic_videos: when `data_dir` has no records, `prepare_data` builds the synthetic world with
                 this many clips.
@@ -288,6 +319,21 @@ class AnswerabilityDataModule(L.LightningDataModule):
             )
         return examples
 
+    def _pack(self, examples: list[Example], turns: int) -> list[Example]:
+        """Conversations of up to `turns` questions about one clip, in a seeded random order per clip."""
+        by_clip: dict[str, list[Example]] = {}
+        for example in examples:
+            by_clip.setdefault(example.video_path, []).append(example)
+        rng = random.Random(self.hparams.seed)
+        packed = []
+        for group in by_clip.values():
+            rng.shuffle(group)
+            for start in range(0, len(group), turns):
+                first, *rest = group[start : start + turns]
+                follow_ups = tuple(e.record for e in rest)
+                packed.append(Example(first.record, first.video_path, None, first.record_file, follow_ups))
+        return packed
+
     def _rejected_responses(self, records: list[QARecord], path: Path, source: str | None) -> dict[str, str]:
         rejected = {r.id: r.rejected for r in records if r.rejected is not None}
         if source:
@@ -333,8 +379,14 @@ class AnswerabilityDataModule(L.LightningDataModule):
             raise ValueError("AnswerabilityDataModule needs the model's processor (from the LightningModule)")
         h = self.hparams
         pairs = h.objective == "dpo"
+        if h.turns_per_example < 1 or (pairs and h.turns_per_example > 1):
+            raise ValueError(
+                f"turns_per_example must be 1 for DPO and at least 1 for SFT, got {h.turns_per_example}"
+            )
         if stage in ("fit", None) and h.train_file:
             examples = self._examples(h.train_file, True, pairs, h.rejected_predictions)
+            if h.turns_per_example > 1:
+                examples = self._pack(examples, h.turns_per_example)
             self.datasets["train"] = ExampleDataset(examples, h.num_frames)
         if stage in ("fit", "validate", None) and h.val_file:
             self.datasets["val"] = ExampleDataset(self._examples(h.val_file, True, pairs), h.num_frames)

@@ -2,7 +2,7 @@
 
 Real video-LLMs start from a pretrained vision tower; the embedded tiny one gets its tower from this data:
 each frame is split into the grid of video tokens the video-LLM will see, and every cell is labelled with the
-object that covers it (shape, colour, size, motion) and that object's centre.
+object that covers it (shape, colour, size, motion) and that object's exact centre.
 """
 
 from __future__ import annotations
@@ -29,10 +29,13 @@ LABELS = {
 LABEL_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "motion": MOTIONS}
 
 
-def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.05) -> np.ndarray:
-    """(grid, grid, 6) int/float labels of one frame: 4 class ids then the covering object's centre in [0, 1].
+def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.2) -> np.ndarray:
+    """(grid, grid, 6) labels of one frame: 4 class ids, then the object's centre as offsets in [-1, 1].
 
-    A cell belongs to the object that covers most of it, if that object covers at least `min_cover` of it.
+    A cell belongs to the object that covers most of it, if that object covers at least `min_cover` of it
+    (less is too little of a shape to tell what shape it is) or has its centre there (so a small star, which
+    fills under a fifth of any cell, still has one); it gets all of that object's labels, so each video token
+    describes one whole object or nothing. Cells that no object covers are class 0, centre 0.
     """
     world = scene.world
     t = frame_index / max(world.frames - 1, 1)
@@ -43,15 +46,39 @@ def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.
         cx, cy = obj.position(t, world.travel)
         mask = shape_mask(obj.shape, cx, cy, world.radius[obj.size], world.size)
         cover = mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
-        take = (cover > best) & (cover >= min_cover)
+        centre = np.zeros((grid, grid), dtype=bool)
+        centre[min(grid - 1, int(cy // cell)), min(grid - 1, int(cx // cell))] = True
+        take = (cover > best) & ((cover >= min_cover) | centre)
         best = np.where(take, cover, best)
         values = [LABEL_VALUES[name].index(getattr(obj, name)) + 1 for name in LABELS]
-        labels[take] = [*values, cx / world.size, cy / world.size]
+        labels[take] = [*values, 2 * cx / world.size - 1, 2 * cy / world.size - 1]
+    return labels
+
+
+def patch_shapes(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.3) -> np.ndarray:
+    """(grid, grid) shape class ids of one frame at the tower's patch grid (0: no object).
+
+    A patch is labelled with the shape that covers most of it, if at least `min_cover` of it: dense targets
+    that teach the tower's patches local shape evidence, which the cells of `cell_labels` then pool.
+    """
+    world = scene.world
+    t = frame_index / max(world.frames - 1, 1)
+    cell = world.size // grid
+    labels = np.zeros((grid, grid), dtype=np.int64)
+    best = np.zeros((grid, grid), dtype=np.float32)
+    for obj in scene.objects:
+        cx, cy = obj.position(t, world.travel)
+        mask = shape_mask(obj.shape, cx, cy, world.radius[obj.size], world.size)
+        cover = mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+        take = (cover > best) & (cover >= min_cover)
+        best = np.where(take, cover, best)
+        labels[take] = SHAPES.index(obj.shape) + 1
     return labels
 
 
 class SceneFramesDataModule(L.LightningDataModule):
-    """Decoded frames of the synthetic clips (train/val splits of `scenes.jsonl`) with `cell_labels`."""
+    """Decoded frames of the synthetic clips (train/val splits of `scenes.jsonl`): batches of (uint8 pixels,
+    `cell_labels` at the video-token grid, `patch_shapes` at the tower's patch grid, twice as fine)."""
 
     def __init__(
         self,
@@ -65,7 +92,8 @@ class SceneFramesDataModule(L.LightningDataModule):
         Args:
             data_dir: the synthetic dataset folder (with `scenes.jsonl` and `videos/`).
             frames_per_clip: frames decoded per clip, uniformly over the clip.
-            grid: cells per side; must equal the video-LLM's token grid (image_size / patch_size / 2).
+            grid: cells per side; must equal the video-LLM's token grid (image_size / patch_size / 2, as
+                LLaVA-NeXT-Video pools patches 2 x 2).
             batch_size: frames per batch.
             max_clips: use at most this many training clips (for quick runs).
         """
@@ -85,7 +113,7 @@ class SceneFramesDataModule(L.LightningDataModule):
 
     def _load(self, split: str, max_clips: int | None) -> TensorDataset:
         root = Path(self.hparams.data_dir)
-        frames, labels = [], []
+        frames, labels, patches = [], [], []
         with (root / "scenes.jsonl").open(encoding="utf-8") as handle:
             rows = [json.loads(line) for line in handle if line.strip()]
         rows = [row for row in rows if row["split"] == split][:max_clips]
@@ -96,10 +124,11 @@ class SceneFramesDataModule(L.LightningDataModule):
             indices = np.linspace(0, scene.world.frames - 1, count).round().astype(int)
             frames.append(clip)
             labels.append(np.stack([cell_labels(scene, int(k), self.hparams.grid) for k in indices]))
-        pixels = (
-            torch.from_numpy(np.concatenate(frames)).permute(0, 3, 1, 2).contiguous()
-        )  # uint8 (N, 3, H, W)
-        return TensorDataset(pixels, torch.from_numpy(np.concatenate(labels)))
+            patches.append(np.stack([patch_shapes(scene, int(k), 2 * self.hparams.grid) for k in indices]))
+        pixels = torch.from_numpy(np.concatenate(frames)).permute(0, 3, 1, 2).contiguous()  # uint8 (N,3,H,W)
+        return TensorDataset(
+            pixels, torch.from_numpy(np.concatenate(labels)), torch.from_numpy(np.concatenate(patches))
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if "train" not in self.tensors:

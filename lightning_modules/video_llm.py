@@ -245,8 +245,9 @@ def _project_to_words(model: nn.Module, tokenizer, tower_dir: Path) -> bool:
     starts as those heads (one hidden unit per class), its second layer maps each class unit to the
     embedding of the class's word ("red", "circle", ...; none for "no object"). A video token then starts
     near the sum of its object's word embeddings, and with tied input/output embeddings the language model
-    can answer by copying: the closed-form version of LLaVA's projector-alignment stage. Returns False when
-    the tower has no heads.
+    can answer by copying: the closed-form version of LLaVA's projector-alignment stage. The heads' centre
+    rows (`axes`) move the token along "left" -> "right" and "above" -> "below" with the object's position.
+    Returns False when the tower has no heads.
     """
     heads_path, names_path = tower_dir / "cell_heads.safetensors", tower_dir / "cell_heads.json"
     if not (heads_path.is_file() and names_path.is_file()):
@@ -256,22 +257,38 @@ def _project_to_words(model: nn.Module, tokenizer, tower_dir: Path) -> bool:
     heads = load_file(str(heads_path))
     info = json.loads(names_path.read_text())
     classes: list[str] = info["classes"]  # one name per head row; "" for rows that map to no word
+    axes: list[dict] = info.get("axes", [])  # head rows that are signed offsets between two words
     projector = model.model.multi_modal_projector
     first, second = projector.linear_1, projector.linear_2
-    if len(classes) > first.out_features:
+    units = len(classes) + 2 * len(axes)
+    if units > first.out_features:
         return False
     embeddings = model.get_input_embeddings().weight
-    unk = tokenizer.unk_token_id
+    words = tokenizer.get_vocab()
     with torch.no_grad():
         first.weight[: len(classes)] = heads["weight"]
         first.bias[: len(classes)] = heads["bias"]
-        second.weight[:, : len(classes)] = 0.0
+        second.weight[:, :units] = 0.0
         for unit, word in enumerate(classes):
-            token = tokenizer.convert_tokens_to_ids(word) if word else unk
-            if word and token != unk:
-                second.weight[:, unit] = embeddings[token] / float(info.get("typical_logit", 1.0))
-        second.weight[:, len(classes):] *= 0.1
-        second.bias.zero_()
+            if word in words:
+                second.weight[:, unit] = embeddings[words[word]] / float(info.get("typical_logit", 1.0))
+        # An axis v takes two units, +v and -v: gelu(v) - gelu(-v) = v, so the token moves linearly along
+        # (positive word - negative word) / 2 with the offset.
+        for number, axis in enumerate(axes):
+            unit = len(classes) + 2 * number
+            row = axis["row"]
+            if axis["positive"] not in words or axis["negative"] not in words:
+                continue
+            direction = (embeddings[words[axis["positive"]]] - embeddings[words[axis["negative"]]]) / 2
+            first.weight[unit], first.bias[unit] = heads["weight"][row], heads["bias"][row]
+            first.weight[unit + 1], first.bias[unit + 1] = -heads["weight"][row], -heads["bias"][row]
+            second.weight[:, unit], second.weight[:, unit + 1] = direction, -direction
+        # Other units start silent, and the bias is one fixed "nothing here" vector of a word's norm: every
+        # empty cell becomes the same token (the language model's norm would blow any small, varying residue
+        # up to full size), and an object's token is that vector plus its words.
+        second.weight[:, units:] = 0.0
+        nothing = torch.randn(second.bias.shape, generator=torch.Generator().manual_seed(0))
+        second.bias.copy_(nothing / nothing.norm() * embeddings.norm(dim=-1).mean())
     return True
 
 

@@ -98,6 +98,42 @@ def test_labels_cover_the_response_only(processor, synthetic_data):
     check(dpo, answers + [answerable["rejected"], unanswerable["rejected"]])
 
 
+def test_packed_conversations_label_every_answer_and_nothing_else(processor, synthetic_data):
+    """turns_per_example=3: questions about one clip become turns of one conversation (the clip in the first);
+    each answer and its end of turn is labelled, every question and the video tokens are not."""
+    data = AnswerabilityDataModule(str(synthetic_data), unanswerable_fraction=None, num_frames=2,
+                                   turns_per_example=3, processor=processor)
+    data.setup("fit")
+    train = data.datasets["train"]
+    assert max(len(e.follow_ups) for e in train.examples) == 2
+    assert all(f.video == e.record.video for e in train.examples for f in e.follow_ups)
+    asked = sorted(r.id for e in train.examples for r in (e.record, *e.follow_ups))
+    assert asked == sorted(r["id"] for r in record_rows(synthetic_data)), "every record once"
+    items = [train[i] for i in range(len(train)) if train.examples[i].follow_ups][:3]
+    batch = ChatCollator(processor, "sft")(items)
+    tokenizer = processor.tokenizer
+
+    def answer_tokens(answer: str) -> list[int]:
+        return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    for row, (example, _) in enumerate(items):
+        labels, ids = batch["labels"][row], batch["input_ids"][row]
+        kept = labels != IGNORE_INDEX
+        expected = []
+        for record in (example.record, *example.follow_ups):
+            expected += answer_tokens(record.answer)
+        assert labels[kept].tolist() == expected == ids[kept].tolist()
+        prompt_only = ChatCollator(processor, "generate")([items[row]])["input_ids"]
+        video = processor.video_token_id
+        assert (ids == video).sum() == (prompt_only == video).sum(), "one clip per conversation"
+    first, frames = items[0]
+    single = ChatCollator(processor, "sft")([(Example(first.record, first.video_path), frames)])["labels"][0]
+    assert single[single != IGNORE_INDEX].tolist() == answer_tokens(first.record.answer)
+    with pytest.raises(ValueError, match="turns_per_example must be 1 for DPO"):
+        AnswerabilityDataModule(str(synthetic_data), objective="dpo", turns_per_example=2,
+                                processor=processor).setup("fit")
+
+
 def test_over_long_prompt_is_an_error_naming_the_record(processor, synthetic_data):
     """max_length below the video tokens: a RecordError naming the file and the record, never a cut prompt."""
     items = items_of(synthetic_data)[:2]
