@@ -18,7 +18,7 @@ DEMO_DATA := outputs/shapes/data
 
 demo: install
 	@date +%s > outputs.demo.start 2>/dev/null || true
-	$(PY) -m datamodules synth --out $(DEMO_DATA) --num-videos 1500 --seed 0
+	$(PY) -m datamodules synth --out $(DEMO_DATA) --num-videos 3000 --seed 0 --split 0.9,0.05,0.05
 	$(PY) main.py fit -c configs/shapes/vision.yaml
 	$(PY) main.py fit -c configs/shapes/base.yaml
 	$(PY) main.py predict -c configs/shapes/base.yaml --model.init_args.model.name_or_path outputs/shapes/base/hf_model \

@@ -36,16 +36,28 @@ def add_synth_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--frames", type=int, default=16, metavar="F", help="frames per clip (default 16)")
     parser.add_argument("--size", type=int, default=64, metavar="PX", help="frame side, pixels (default 64)")
     parser.add_argument("--fps", type=int, default=8, help="frames per second (default 8)")
+    parser.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
+                        help="fractions of the clips in each split, by clip (default 0.8,0.1,0.1)")
     parser.add_argument("--workers", type=int, default=None,
                         help="rendering processes (default: the CPU count)")
     parser.set_defaults(func=run_synth)
     return parser
 
 
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated fractions, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def run_synth(args: argparse.Namespace) -> int:
     summary = build_synthetic_dataset(
         args.out, args.num_videos, args.seed, frames=args.frames, size=args.size, fps=args.fps,
-        progress=True, workers=args.workers,
+        progress=True, fractions=args.split, workers=args.workers,
     )
     for line in format_summary(summary):
         print(line)

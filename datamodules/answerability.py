@@ -226,7 +226,8 @@ class AnswerabilityDataModule(L.LightningDataModule):
         max_length: int = 1024,
         num_workers: int = 0,
         seed: int = 0,
-        synthetic_videos: int = 1500,
+        synthetic_videos: int = 3000,
+        synthetic_split: tuple[float, float, float] = (0.9, 0.05, 0.05),
         processor: Any = None,
     ):
         """
@@ -247,8 +248,8 @@ class AnswerabilityDataModule(L.LightningDataModule):
                 one question per example. Validation, test and predict always ask one question per prompt.
             batch_size: global training batch size in examples (divided by the world size).
             max_length: the longest prompt + response in tokens; longer prompts are errors.
-            synthetic_videos: when `data_dir` has no records, `prepare_data` builds the synthetic world with
-                this many clips.
+            synthetic_videos, synthetic_split: when `data_dir` has no records, `prepare_data` builds the
+                synthetic world with this many clips, split by clip in these train/val/test fractions.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["processor"])
@@ -270,7 +271,12 @@ class AnswerabilityDataModule(L.LightningDataModule):
         from datamodules.synthetic import build_synthetic_dataset
 
         log.info("building the synthetic dataset in %s", data_dir)
-        build_synthetic_dataset(data_dir, num_videos=self.hparams.synthetic_videos, seed=self.hparams.seed)
+        build_synthetic_dataset(
+            data_dir,
+            num_videos=self.hparams.synthetic_videos,
+            seed=self.hparams.seed,
+            fractions=tuple(self.hparams.synthetic_split),
+        )
 
     def _read(self, name: str) -> tuple[list[QARecord], Path]:
         path = self._path(name)

@@ -115,6 +115,20 @@ def test_synth_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "x"), "--num-videos", "0", "--seed", "0"]) == 2
 
 
+def test_synth_split_fractions(tmp_path, capsys):
+    args = ["synth", "--out", str(tmp_path), "--num-videos", "20", "--seed", "0", "--frames", "2",
+            "--size", "32", "--split", "0.9,0.05,0.05"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    assert [sum(r["split"] == s for r in rows) for s in ("train", "val", "test")] == [18, 1, 1]
+    other = [*args[:-1], "0.5,0.6,0.1"]
+    other[other.index("--out") + 1] = str(tmp_path / "other")
+    assert main(other) == 2, "fractions that do not sum to 1"
+    assert "sum" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*args[:-1], "0.9,0.1"])
+
+
 def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["import-uvqa", "--input", "x.json", "--category", "colour", "--out", "o"])
