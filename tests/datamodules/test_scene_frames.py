@@ -77,7 +77,7 @@ def test_the_datamodule_decodes_real_clips_with_both_label_grids(synthetic_data)
     frames, cells = pixels.numpy().astype(int), labels.numpy()
     drawn = np.abs(frames - np.array(BACKGROUND)[None, :, None, None]).sum(1) > 60
     share = drawn.reshape(-1, 4, 16, 4, 16).mean((2, 4))
-    assert (share[cells[..., 0] > 0] > 0.15).all()
+    assert (share[cells[..., 0] > 0] > 0.02).all(), "a labelled cell shows some of its object"
     assert share[cells[..., 0] > 0].mean() > share[cells[..., 0] == 0].mean() + 0.3
 
 
