@@ -29,6 +29,18 @@ LABELS = {
 LABEL_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "motion": MOTIONS}
 
 
+def _object_covers(scene: Scene, frame_index: int, grid: int):
+    """(object, its centre in pixels, the (grid, grid) share of each cell it covers) per object of a frame."""
+    world = scene.world
+    t = frame_index / max(world.frames - 1, 1)
+    cell = world.size // grid
+    for obj in scene.objects:
+        cx, cy = obj.position(t, world.travel)
+        mask = shape_mask(obj.shape, cx, cy, world.radius[obj.size], world.size)
+        cover = mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+        yield obj, (cx, cy), cover
+
+
 def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.2) -> np.ndarray:
     """(grid, grid, 6) labels of one frame: 4 class ids, then the object's centre as offsets in [-1, 1].
 
@@ -37,21 +49,16 @@ def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.
     fills under a fifth of any cell, still has one); it gets all of that object's labels, so each video token
     describes one whole object or nothing. Cells that no object covers are class 0, centre 0.
     """
-    world = scene.world
-    t = frame_index / max(world.frames - 1, 1)
-    cell = world.size // grid
     labels = np.zeros((grid, grid, 6), dtype=np.float32)
     best = np.zeros((grid, grid), dtype=np.float32)
-    for obj in scene.objects:
-        cx, cy = obj.position(t, world.travel)
-        mask = shape_mask(obj.shape, cx, cy, world.radius[obj.size], world.size)
-        cover = mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+    cell = scene.world.size // grid
+    for obj, (cx, cy), cover in _object_covers(scene, frame_index, grid):
         centre = np.zeros((grid, grid), dtype=bool)
         centre[min(grid - 1, int(cy // cell)), min(grid - 1, int(cx // cell))] = True
         take = (cover > best) & ((cover >= min_cover) | centre)
         best = np.where(take, cover, best)
         values = [LABEL_VALUES[name].index(getattr(obj, name)) + 1 for name in LABELS]
-        labels[take] = [*values, 2 * cx / world.size - 1, 2 * cy / world.size - 1]
+        labels[take] = [*values, 2 * cx / scene.world.size - 1, 2 * cy / scene.world.size - 1]
     return labels
 
 
@@ -61,15 +68,9 @@ def patch_shapes(scene: Scene, frame_index: int, grid: int, min_cover: float = 0
     A patch is labelled with the shape that covers most of it, if at least `min_cover` of it: dense targets
     that teach the tower's patches local shape evidence, which the cells of `cell_labels` then pool.
     """
-    world = scene.world
-    t = frame_index / max(world.frames - 1, 1)
-    cell = world.size // grid
     labels = np.zeros((grid, grid), dtype=np.int64)
     best = np.zeros((grid, grid), dtype=np.float32)
-    for obj in scene.objects:
-        cx, cy = obj.position(t, world.travel)
-        mask = shape_mask(obj.shape, cx, cy, world.radius[obj.size], world.size)
-        cover = mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+    for obj, _, cover in _object_covers(scene, frame_index, grid):
         take = (cover > best) & (cover >= min_cover)
         best = np.where(take, cover, best)
         labels[take] = SHAPES.index(obj.shape) + 1

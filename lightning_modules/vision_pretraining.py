@@ -30,7 +30,7 @@ class VisionPretraining(L.LightningModule):
     presence (class 0 against all other classes together) on every cell, and the attribute among the other
     classes on the cells that hold an object, so the few objects are not drowned by the many empty cells.
     An auxiliary head reads the shape under every patch before pooling (`patch_weight`): dense local
-    evidence that makes the tower learn shape several times faster than the centre cells alone.
+    evidence that makes the tower learn shape several times faster than the pooled cells alone.
 
     Hooks: `training_step`/`validation_step` share `model_step`; `on_train_end` saves the tower.
     """
