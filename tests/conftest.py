@@ -150,5 +150,8 @@ def lora_dpo_run(tmp_path_factory, cli_args, tiny_base) -> SimpleNamespace:
                     extra=["--model.init_args.lr=0.01", "--trainer.val_check_interval=3"])
     cli = _run_cli(args)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    wandb.finish()  # flush the offline run so tests can read it
+    wandb.finish()
+    # finish() can return before wandb-core has written the records to the offline run file (1 run in 10
+    # here read back as its 7-byte header); tearing the service down closes the file.
+    wandb.teardown()
     return SimpleNamespace(cli=cli, out=out, args=args, metrics=metrics, base=tiny_base)
