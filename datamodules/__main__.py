@@ -14,7 +14,7 @@ from pathlib import Path
 
 from datamodules.records import CATEGORIES, RecordError, read_records, summarize_records
 from datamodules.sources.generate import add_generate_parser, add_import_videochatgpt_parser
-from datamodules.synthetic import SyntheticDatasetError, build_synthetic_dataset, format_summary
+from datamodules.synthetic import SPLITS, SyntheticDatasetError, build_synthetic_dataset, format_summary
 from datamodules.video import VideoError
 
 # Errors that are the user's to fix: reported as one line, exit status 2.
@@ -38,6 +38,9 @@ def add_synth_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--fps", type=int, default=8, help="frames per second (default 8)")
     parser.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
                         help="fractions of the clips in each split, by clip (default 0.8,0.1,0.1)")
+    parser.add_argument("--describe", type=_splits, default=("train",), metavar="SPLITS",
+                        help="splits whose clips also get the caption question, comma-separated, or none "
+                        "(default train)")
     parser.add_argument("--workers", type=int, default=None,
                         help="rendering processes (default: the CPU count)")
     parser.set_defaults(func=run_synth)
@@ -54,10 +57,18 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def _splits(text: str) -> tuple[str, ...]:
+    names = () if text.strip().lower() == "none" else tuple(part.strip() for part in text.split(","))
+    if unknown := [name for name in names if name not in SPLITS]:
+        known = ", ".join(SPLITS)
+        raise argparse.ArgumentTypeError(f"unknown split(s) {', '.join(unknown)}: choose from {known}")
+    return names
+
+
 def run_synth(args: argparse.Namespace) -> int:
     summary = build_synthetic_dataset(
         args.out, args.num_videos, args.seed, frames=args.frames, size=args.size, fps=args.fps,
-        progress=True, fractions=args.split, workers=args.workers,
+        progress=True, fractions=args.split, workers=args.workers, describe=args.describe,
     )
     for line in format_summary(summary):
         print(line)

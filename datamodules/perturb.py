@@ -41,6 +41,10 @@ RELATION_PHRASES = {
 }
 COUNT_WORDS = ("zero", "one", "two", "three")
 FORMS = ("colour", "shape", "size", "direction", "count", "where")
+# The caption form: "What objects are in the video?" answered with every object and its attributes. Never
+# asked unanswerable; by default written for training clips only, as dense supervision (see
+# `scene_records`), so the evaluation splits hold the question forms above.
+DESCRIBE = "describe"
 REF_KINDS = ("shape", "colour_shape", "size_shape", "motion_shape", "colour_object", "relational")
 WHERE_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
 _AXIS_PAIRS = {"left of": ("left of", "right of"), "above": ("above", "below")}
@@ -186,6 +190,8 @@ def true_answer(scene: Scene, spec: QuestionSpec) -> str | None:
     """
     if spec.form == "count" and spec.ref is None:
         return COUNT_WORDS[len(scene.objects)]
+    if spec.form == DESCRIBE:
+        return describe_scene(scene)
     resolved = [resolve_ref(scene, ref) for ref in spec.refs()]
     if not resolved or any(len(r) != 1 for r in resolved):
         return None
@@ -465,7 +471,26 @@ def synthetic_items(
     return facts + perturbations
 
 
+def describe_scene(scene: Scene) -> str:
+    """Every object of `scene` from left to right (by start position) with all its attributes:
+    "large red square moving up, small blue star standing still"."""
+    parts = []
+    for obj in sorted(scene.objects, key=lambda o: (o.x0, o.y0)):
+        motion = "standing still" if obj.motion == "still" else f"moving {obj.motion}"
+        parts.append(f"{obj.size} {obj.colour} {obj.shape} {motion}")
+    return ", ".join(parts)
+
+
+def describe_item(scene: Scene) -> Fact:
+    """The caption question of `scene` as an answerable item (slots: "spec")."""
+    spec = QuestionSpec(DESCRIBE)
+    answer = describe_scene(scene)
+    return Fact(_fact_text(spec, answer), answer, {"spec": spec})
+
+
 def _fact_text(spec: QuestionSpec, answer: str) -> str:
+    if spec.form == DESCRIBE:
+        return f"the video shows {answer}"
     if spec.ref is None:
         return f"there are {answer} objects"
     if spec.form == "count":

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from datamodules.perturb import Fact, Perturbation, synthetic_items
+from datamodules.perturb import Fact, Perturbation, describe_item, synthetic_items
 from datamodules.records import QARecord, atomic_write_text, summarize_records, write_jsonl, write_records
 from datamodules.shapes import Scene, WorldConfig, sample_scene, write_clip
 from datamodules.writers import TemplateWriter, unwarranted_refusal
@@ -67,9 +67,15 @@ def split_videos(
     return splits
 
 
-def scene_records(scene: Scene, video: str, record_prefix: str, seed: int, index: int) -> list[QARecord]:
-    """The QA records of one scene: answerable, then unanswerable questions, each with `rejected` set."""
-    items = synthetic_items(scene, random.Random(f"shapes-questions:{seed}:{index}"))
+def scene_records(
+    scene: Scene, video: str, record_prefix: str, seed: int, index: int, describe: bool = False
+) -> list[QARecord]:
+    """The QA records of one scene: answerable, then unanswerable questions, each with `rejected` set; with
+    `describe`, then the caption question ("What objects are in the video?", form "describe")."""
+    rng = random.Random(f"shapes-questions:{seed}:{index}")
+    items: list[Fact | Perturbation] = synthetic_items(scene, rng)
+    if describe:
+        items.append(describe_item(scene))
     written = TemplateWriter(f"{seed}:{index}").write(items)
     records = []
     for number, (item, text) in enumerate(zip(items, written, strict=True)):
@@ -126,14 +132,20 @@ def build_synthetic_dataset(
     progress: bool = True,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     workers: int | None = None,
+    describe: Iterable[str] = ("train",),
 ) -> dict[str, Any]:
     """Render `num_videos` clips and write their QA records; returns a summary (see `summarize_records`).
 
     Writes DIR/videos/{id}.mp4, DIR/{train,val,test}.jsonl (split by video), DIR/scenes.jsonl (one line
     per video: {"video", "split", "scene"}) and DIR/synth.json (the settings; a rerun with other
     settings is refused). Clips already rendered are skipped. `workers` processes render (default:
-    the CPU count, in-process for small jobs).
+    the CPU count, in-process for small jobs). Each clip of a split in `describe` also gets the caption
+    question (every object with all its attributes): dense supervision for training, which by default
+    the evaluation splits leave out, so that they hold the question forms of the paper.
     """
+    describe = tuple(describe)
+    if unknown := sorted(set(describe) - set(SPLITS)):
+        raise SyntheticDatasetError(f"describe: unknown split(s) {', '.join(unknown)}; choose from {SPLITS}")
     for name, value, least in (("num_videos", num_videos, 1), ("frames", frames, 1), ("size", size, 32),
                                ("fps", fps, 1)):
         if value < least:
@@ -158,7 +170,7 @@ def build_synthetic_dataset(
     scene_rows = []
     for index, (scene, split) in enumerate(zip(scenes, splits, strict=True)):
         video = f"videos/{video_id(index)}.mp4"
-        by_split[split] += scene_records(scene, video, video_id(index), seed, index)
+        by_split[split] += scene_records(scene, video, video_id(index), seed, index, split in describe)
         scene_rows.append({"video": video, "split": split, "scene": scene.to_dict()})
     for split, records in by_split.items():
         write_records(out / f"{split}.jsonl", records)

@@ -56,6 +56,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "direction": ("Which direction is {ref} moving?", "In which direction is {ref} moving?"),
     "count": ("How many objects are {relation} {ref}?", "How many objects can be seen {relation} {ref}?"),
     "total": ("How many objects are there?", "How many objects are in the video?"),
+    "describe": ("What objects are in the video?", "Describe the objects in the video."),
     "where_left of": (
         "Is {ref} to the left or to the right of {ref2}?",
         "Is {ref} on the left or on the right of {ref2}?",
@@ -128,7 +129,7 @@ def template_vocabulary() -> list[str]:
     texts = [REFUSAL_TEMPLATE.format(missing="")]
     texts += [t.format(ref="", ref2="", relation="") for group in TEMPLATES.values() for t in group]
     texts += [*SHAPES, *COLOURS, *SIZES, *MOTIONS, *COUNT_WORDS, *WHERE_ANSWERS.values()]
-    texts += [*RELATION_PHRASES.values(), "the object moving still"]
+    texts += [*RELATION_PHRASES.values(), "the object moving still", "moving standing still ,"]
     return sorted({word for text in texts for word in split_words(text)})
 
 

@@ -129,6 +129,23 @@ def test_synth_split_fractions(tmp_path, capsys):
         build_parser().parse_args([*args[:-1], "0.9,0.1"])
 
 
+def test_synth_describe_splits(tmp_path):
+    args = ["synth", "--out", str(tmp_path), "--num-videos", "6", "--seed", "0", "--frames", "2",
+            "--size", "32"]
+    forms = {}
+    for describe in ("none", "train,test"):
+        assert main([*args, "--describe", describe]) == 0
+        forms[describe] = {
+            split: {json.loads(line)["meta"]["form"] for line in (tmp_path / f"{split}.jsonl").open()}
+            for split in ("train", "val", "test")
+        }
+    assert not any("describe" in f for f in forms["none"].values())
+    assert "describe" in forms["train,test"]["train"] and "describe" in forms["train,test"]["test"]
+    assert "describe" not in forms["train,test"]["val"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*args, "--describe", "train,dev"])
+
+
 def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["import-uvqa", "--input", "x.json", "--category", "colour", "--out", "o"])

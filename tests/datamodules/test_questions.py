@@ -16,6 +16,8 @@ from datamodules.perturb import (
     Ref,
     answer_choices,
     answerable_specs,
+    describe_item,
+    describe_scene,
     form_fits,
     is_false,
     perturb_attribute,
@@ -348,7 +350,8 @@ def test_vocabulary_covers_every_generated_word(items):
     assert template_vocabulary() == sorted(vocabulary)
     assert all(word == word.lower() for word in vocabulary) and {"?", "."} <= vocabulary
     used = set()
-    for index, (_, item) in enumerate(items):
+    captions = [(scene, describe_item(scene)) for scene in dict.fromkeys(scene for scene, _ in items)]
+    for index, (_, item) in enumerate([*items, *captions]):
         (written,) = TemplateWriter(index).write([item])
         spec = item.slots["spec"]
         is_fact = isinstance(item, Fact)
@@ -359,3 +362,25 @@ def test_vocabulary_covers_every_generated_word(items):
             used.update(words)
     assert used <= vocabulary, sorted(used - vocabulary)
     assert len(vocabulary - used) <= 3, sorted(vocabulary - used)  # and nearly every word is used
+
+
+def test_the_caption_names_every_object_left_to_right_with_all_its_attributes():
+    scene = Scene(
+        objects=(
+            SceneObject("star", "blue", "small", "still", 40.0, 10.0),
+            SceneObject("square", "red", "large", "up", 12.0, 30.0),
+        ),
+        world=WorldConfig(),
+    )
+    assert describe_scene(scene) == "large red square moving up, small blue star standing still"
+    item = describe_item(scene)
+    assert item.answer == describe_scene(scene) and true_answer(scene, item.slots["spec"]) == item.answer
+    assert item.fact == "the video shows large red square moving up, small blue star standing still"
+    (written,) = TemplateWriter(0).write([item])
+    assert written.question in ("What objects are in the video?", "Describe the objects in the video.")
+    assert written.answer == item.answer
+    for scene in scenes(50):  # every object once, each with its four attributes
+        parts = describe_scene(scene).split(", ")
+        assert len(parts) == len(scene.objects)
+        named = {tuple(part.split()[:3]) for part in parts}
+        assert named == {(o.size, o.colour, o.shape) for o in scene.objects}

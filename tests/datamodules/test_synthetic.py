@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from datamodules.perturb import describe_scene
 from datamodules.records import CATEGORIES, read_records
 from datamodules.shapes import Scene
 from datamodules.synthetic import (
@@ -70,10 +71,24 @@ def test_records_are_valid_and_split_by_video(built):
                 assert not record.rejected.startswith("The question")
 
 
-def test_every_video_has_four_answerable_questions(built):
+def test_every_video_has_four_answerable_questions_and_training_clips_a_caption(built):
     out, _ = built
-    per_video = Counter(r.video for rs in load(out).values() for r in rs if r.answerable)
-    assert set(per_video.values()) == {4}
+    for split, records in load(out).items():
+        per_video = Counter(r.video for r in records if r.answerable and r.meta["form"] != "describe")
+        captions = Counter(r.video for r in records if r.meta["form"] == "describe")
+        assert set(per_video.values()) == {4}
+        assert captions == (Counter(per_video.keys()) if split == "train" else Counter()), split
+        assert all(r.answerable for r in records if r.meta["form"] == "describe")
+
+
+def test_the_splits_with_captions_are_chosen(tmp_path):
+    build_synthetic_dataset(tmp_path, 20, seed=3, describe=("val", "test"), **SMALL)
+    forms = {split: {r.meta["form"] for r in records} for split, records in load(tmp_path).items()}
+    assert "describe" not in forms["train"] and "describe" in forms["val"] and "describe" in forms["test"]
+    build_synthetic_dataset(tmp_path, 20, seed=3, describe=(), **SMALL)
+    assert all(r.meta["form"] != "describe" for records in load(tmp_path).values() for r in records)
+    with pytest.raises(SyntheticDatasetError, match="describe: unknown split"):
+        build_synthetic_dataset(tmp_path, 20, seed=3, describe=("dev",), **SMALL)
 
 
 def test_scenes_file_matches_the_records(built):
@@ -91,6 +106,8 @@ def test_scenes_file_matches_the_records(built):
                 assert record.answer in colours
             if record.video == row["video"] and record.question.startswith("How many objects are there"):
                 assert record.answer == ["zero", "one", "two", "three"][len(scene.objects)]
+            if record.video == row["video"] and record.meta["form"] == "describe":
+                assert record.answer == describe_scene(scene)
 
 
 def test_vocabulary_covers_the_dataset(built):
