@@ -42,7 +42,8 @@ def _object_covers(scene: Scene, frame_index: int, grid: int):
 
 
 def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.2) -> np.ndarray:
-    """(grid, grid, 6) labels of one frame: 4 class ids, then the object's centre as offsets in [-1, 1].
+    """(grid, grid, 6) labels of one frame: 4 class ids, then the object's centre (x, y) in frame
+    coordinates scaled to [-1, 1] (-1: left / top edge, 1: right / bottom edge).
 
     A cell belongs to the object that covers most of it, if that object covers at least `min_cover` of it
     (less is too little of a shape to tell what shape it is) or has its centre there (so a small star, which

@@ -268,7 +268,7 @@ def _project_to_words(model: nn.Module, tokenizer, tower_dir: Path) -> bool:
     with torch.no_grad():
         first.weight[: len(classes)] = heads["weight"]
         first.bias[: len(classes)] = heads["bias"]
-        second.weight[:, :units] = 0.0
+        second.weight.zero_()  # units beyond the heads' stay silent
         for unit, word in enumerate(classes):
             if word in words:
                 second.weight[:, unit] = embeddings[words[word]] / float(info.get("typical_logit", 1.0))
@@ -283,10 +283,9 @@ def _project_to_words(model: nn.Module, tokenizer, tower_dir: Path) -> bool:
             first.weight[unit], first.bias[unit] = heads["weight"][row], heads["bias"][row]
             first.weight[unit + 1], first.bias[unit + 1] = -heads["weight"][row], -heads["bias"][row]
             second.weight[:, unit], second.weight[:, unit + 1] = direction, -direction
-        # Other units start silent, and the bias is one fixed "nothing here" vector of a word's norm: every
-        # empty cell becomes the same token (the language model's norm would blow any small, varying residue
-        # up to full size), and an object's token is that vector plus its words.
-        second.weight[:, units:] = 0.0
+        # The bias is one fixed "nothing here" vector of a word's norm: every empty cell becomes the same
+        # token (the language model's norm would blow any small, varying residue up to full size), and an
+        # object's token is that vector plus its words.
         nothing = torch.randn(second.bias.shape, generator=torch.Generator().manual_seed(0))
         second.bias.copy_(nothing / nothing.norm() * embeddings.norm(dim=-1).mean())
     return True

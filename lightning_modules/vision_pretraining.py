@@ -93,7 +93,7 @@ class VisionPretraining(L.LightningModule):
                 empty = ~occupied
                 accuracies["false_object"] = ((predicted > 0) & empty).sum() / empty.sum().clamp_min(1)
             start += classes
-        # The centre offsets of the cell's object, and 0 (no position) for empty cells.
+        # The centre of the cell's object in frame coordinates scaled to [-1, 1], and 0 for empty cells.
         centre = F.mse_loss(out[..., start : start + 2], labels[..., 4:6])
         losses["centre"] = self.hparams.centre_weight * centre
         if self.hparams.patch_weight:
@@ -135,8 +135,8 @@ class VisionPretraining(L.LightningModule):
     def save_heads(self, folder: Path) -> None:
         """Save the concept heads with a word per class row, for `video_llm` to start its projector from.
 
-        The two centre rows are axes: an offset to the right (below) is the direction from the word "left"
-        ("above") to "right" ("below").
+        The two centre rows are axes: a centre further right (lower) in the frame moves the token from the
+        word "left" ("above") towards "right" ("below").
         """
         from safetensors.torch import save_file
 
