@@ -93,9 +93,13 @@ class ChatCollator:
     A prompt longer than `max_length` is an error, never truncated (it would cut through video tokens).
     """
 
+    # Conversations whose text and response spans are kept, so later epochs skip the chat template.
+    CACHE_SIZE = 100_000
+
     def __init__(self, processor: Any, mode: Literal["sft", "dpo", "generate"], max_length: int = 1024):
         self.processor, self.mode, self.max_length = processor, mode, max_length
         self.tokenizer = processor.tokenizer
+        self._spans: dict[tuple, tuple[str, int, tuple[tuple[int, int], ...]]] = {}
 
     @staticmethod
     def _conversation(turns: Sequence[tuple[str, str | None]]) -> list[dict]:
@@ -125,8 +129,29 @@ class ChatCollator:
     def _encode(self, texts: list[str], videos: list[np.ndarray]) -> dict[str, torch.Tensor]:
         return dict(self.processor(text=texts, videos=videos, return_tensors="pt", padding=True))
 
-    def _text_length(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+    def _response_spans(self, conversations: list[tuple[tuple[str, str | None], ...]]) -> list[tuple]:
+        """For each conversation: (its text, its token count, the (start, end) token span of each response).
+
+        Spans come from the token counts of the text up to each turn's question (with the generation prompt)
+        and up to its response. Conversations not seen before are tokenized together in one call; results
+        are kept, so later epochs skip the chat template.
+        """
+        new = list(dict.fromkeys(turns for turns in conversations if turns not in self._spans))
+        texts = []
+        for turns in new:
+            texts.append(self._chat(turns))
+            for turn in range(len(turns)):
+                texts.append(self._chat([*turns[:turn], (turns[turn][0], None)], generation_prompt=True))
+                texts.append(self._chat(turns[: turn + 1]))
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else []
+        if len(self._spans) + len(new) > self.CACHE_SIZE:
+            self._spans.clear()
+        at = 0
+        for turns in new:
+            counts = lengths[at : at + 1 + 2 * len(turns)]
+            self._spans[turns] = (texts[at], counts[0], tuple(zip(counts[1::2], counts[2::2], strict=True)))
+            at += len(counts)
+        return [self._spans[turns] for turns in conversations]
 
     def _labelled(self, examples: list[Example], responses: list[str], videos: list[np.ndarray]) -> dict:
         """Encode each example's conversation; labels on its responses only.
@@ -136,25 +161,24 @@ class ChatCollator:
         number of tokens the processor adds when it expands the clip into video tokens (the clip is in the
         first turn, so every span moves by the same amount): the clip is processed once per batch.
         """
-        conversations = [
-            [(e.record.question, r), *((f.question, f.answer) for f in e.follow_ups)]
-            for e, r in zip(examples, responses, strict=True)
-        ]
-        batch = self._encode([self._chat(turns) for turns in conversations], videos)
+        spans = self._response_spans(
+            [
+                ((e.record.question, r), *((f.question, f.answer) for f in e.follow_ups))
+                for e, r in zip(examples, responses, strict=True)
+            ]
+        )
+        batch = self._encode([text for text, _, _ in spans], videos)
         attention = batch["attention_mask"]
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         prompt_lengths = []
-        for row, turns in enumerate(conversations):
+        for row, (_, text_length, turn_spans) in enumerate(spans):
             length = int(attention[row].sum())
-            expansion = length - self._text_length(self._chat(turns))
+            expansion = length - text_length
             padding = attention.shape[1] - length  # left padding
-            for turn in range(len(turns)):
-                asked = self._chat([*turns[:turn], (turns[turn][0], None)], generation_prompt=True)
-                start = padding + self._text_length(asked) + expansion
-                end = padding + self._text_length(self._chat(turns[: turn + 1])) + expansion
-                labels[row, start:end] = batch["input_ids"][row, start:end]
-                if turn == 0:
-                    prompt_lengths.append(start - padding)
+            for start, end in turn_spans:
+                span = slice(padding + expansion + start, padding + expansion + end)
+                labels[row, span] = batch["input_ids"][row, span]
+            prompt_lengths.append(turn_spans[0][0] + expansion)
         self._check_length(torch.tensor(prompt_lengths), examples)
         batch["labels"] = labels
         return batch

@@ -110,8 +110,13 @@ def test_packed_conversations_label_every_answer_and_nothing_else(processor, syn
     asked = sorted(r.id for e in train.examples for r in (e.record, *e.follow_ups))
     assert asked == sorted(r["id"] for r in record_rows(synthetic_data)), "every record once"
     items = [train[i] for i in range(len(train)) if train.examples[i].follow_ups][:3]
-    batch = ChatCollator(processor, "sft")(items)
+    collator = ChatCollator(processor, "sft")
+    batch = collator(items)
     tokenizer = processor.tokenizer
+    # A later epoch reads the conversations' spans from the collator's cache, in another batch order.
+    again = collator(items[::-1])
+    for key in ("input_ids", "labels"):
+        assert torch.equal(again[key].flip(0), batch[key])
 
     def answer_tokens(answer: str) -> list[int]:
         return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
