@@ -93,7 +93,8 @@ class ChatCollator:
     A prompt longer than `max_length` is an error, never truncated (it would cut through video tokens).
     """
 
-    # Conversations whose text and response spans are kept, so later epochs skip the chat template.
+    # Conversations whose text and response spans are kept, so later epochs skip the chat template (each
+    # DataLoader worker keeps its own; with `persistent_workers=False` it starts empty every epoch).
     CACHE_SIZE = 100_000
 
     def __init__(self, processor: Any, mode: Literal["sft", "dpo", "generate"], max_length: int = 1024):
