@@ -20,6 +20,7 @@ import pytest
 from datamodules.__main__ import main
 from datamodules.perturb import Perturbation
 from datamodules.records import read_records
+from datamodules.sources.generate import _PartialLog
 from datamodules.writers import (
     FAILED,
     NOT_APPLICABLE,
@@ -310,25 +311,24 @@ def test_interrupted_run_resumes_to_the_uninterrupted_output(serve, tmp_path, mo
     reference = tmp_path / "reference" / "out.jsonl"
     assert main(moma_args(reference, server, "--no-cache")) == 0
 
-    # Ctrl-C at the 6th item: the partial file keeps what finished, no output is written.
+    # Ctrl-C in the main thread (where a terminal delivers it) as the 6th finished item is logged: the
+    # partial file keeps the 5 before it, the requests in flight are cancelled, no output is written.
     out = tmp_path / "run" / "out.jsonl"
-    calls = Counter()
-    lock = threading.Lock()
-    original = ChatWriter._write_one
+    original = _PartialLog.append
+    logged = Counter()
 
-    def interrupting(self, p):
-        with lock:
-            calls["n"] += 1
-            if calls["n"] == 6:
-                raise KeyboardInterrupt
-        return original(self, p)
+    def interrupting(self, entry):
+        logged["n"] += 1
+        if logged["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, entry)
 
-    monkeypatch.setattr(ChatWriter, "_write_one", interrupting)
+    monkeypatch.setattr(_PartialLog, "append", interrupting)
     assert main(moma_args(out, server, "--no-cache")) == 130
-    monkeypatch.setattr(ChatWriter, "_write_one", original)
+    monkeypatch.setattr(_PartialLog, "append", original)
     partial = out.with_name(out.name + ".partial")
     kept = partial.read_text().splitlines()[1:]
-    assert not out.exists() and 1 <= len(kept) <= 5
+    assert not out.exists() and len(kept) == 5
     with partial.open("a") as handle:  # and a torn last line, as a kill mid-write leaves
         handle.write('{"id": "moma-relation-')
 
