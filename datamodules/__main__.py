@@ -39,8 +39,8 @@ def add_synth_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
                         help="fractions of the clips in each split, by clip (default 0.8,0.1,0.1)")
     parser.add_argument("--describe", type=_splits, default=("train",), metavar="SPLITS",
-                        help="splits whose clips also get the caption question, comma-separated, or none "
-                        "(default train)")
+                        help="splits whose clips also get the caption question and two qualifier checks "
+                        "(\"Is the star small?\"), comma-separated, or none (default train)")
     parser.add_argument("--workers", type=int, default=None,
                         help="rendering processes (default: the CPU count)")
     parser.set_defaults(func=run_synth)

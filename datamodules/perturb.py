@@ -45,6 +45,11 @@ FORMS = ("colour", "shape", "size", "direction", "count", "where")
 # asked unanswerable; by default written for training clips only, as dense supervision (see
 # `scene_records`), so the evaluation splits hold the question forms above.
 DESCRIBE = "describe"
+# The qualifier check: "Is the star small?", answered "yes" or "no", about one present object. Written where
+# the caption is: the skill a refusal needs is checking each qualifier of a reference against the object
+# its shape names, and answerable questions of the other forms never need it (a clip's shapes differ).
+VERIFY = "verify"
+VERIFY_ANSWERS = ("yes", "no")
 REF_KINDS = ("shape", "colour_shape", "size_shape", "motion_shape", "colour_object", "relational")
 WHERE_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
 _AXIS_PAIRS = {"left of": ("left of", "right of"), "above": ("above", "below")}
@@ -102,6 +107,16 @@ class Ref:
     def text(self) -> str:
         return f"the {self.element}"
 
+    @property
+    def predicate(self) -> str:
+        """The qualifier as said of the object: "red", "small", "moving up", "standing still"."""
+        if self.motion is not None:
+            return "standing still" if self.motion == "still" else f"moving {self.motion}"
+        qualifier = self.colour or self.size
+        if qualifier is None or self.shape is None:
+            raise ValueError(f"a predicate needs a shape with a colour, size or motion: {self}")
+        return qualifier
+
 
 @dataclass(frozen=True)
 class QuestionSpec:
@@ -136,6 +151,8 @@ def answer_choices(spec: QuestionSpec) -> tuple[str, ...]:
         return COUNT_WORDS[1:] if spec.ref is None else COUNT_WORDS[:3]
     if spec.form == "where":
         return tuple(WHERE_ANSWERS[r] for r in _AXIS_PAIRS[spec.relation or "left of"])
+    if spec.form == VERIFY:
+        return VERIFY_ANSWERS
     return {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "direction": MOTIONS}[spec.form]
 
 
@@ -192,6 +209,11 @@ def true_answer(scene: Scene, spec: QuestionSpec) -> str | None:
         return COUNT_WORDS[len(scene.objects)]
     if spec.form == DESCRIBE:
         return describe_scene(scene)
+    if spec.form == VERIFY:
+        assert spec.ref is not None and spec.ref.shape is not None
+        if len(resolve_ref(scene, Ref(shape=spec.ref.shape))) != 1:
+            return None
+        return "yes" if resolve_ref(scene, spec.ref) else "no"
     resolved = [resolve_ref(scene, ref) for ref in spec.refs()]
     if not resolved or any(len(r) != 1 for r in resolved):
         return None
@@ -488,9 +510,35 @@ def describe_item(scene: Scene) -> Fact:
     return Fact(_fact_text(spec, answer), answer, {"spec": spec})
 
 
+def verify_items(scene: Scene, rng: random.Random, num: int = 2) -> list[Fact]:
+    """Qualifier checks of `scene` as answerable items (slots: "spec"): "Is the star small?".
+
+    Up to `num` different objects, each with one attribute (colour, size or motion) drawn at random and
+    stated truly or, with probability 1/2, as another value of the world, so "yes" and "no" are equally
+    likely. An object whose shape is not unique in the scene is not asked about.
+    """
+    facts = []
+    for i in rng.sample(range(len(scene.objects)), min(num, len(scene.objects))):
+        obj = scene.objects[i]
+        attribute = rng.choice(("colour", "size", "motion"))
+        value = getattr(obj, attribute)
+        if rng.random() < 0.5:
+            value = rng.choice([v for v in {"colour": COLOURS, "size": SIZES, "motion": MOTIONS}[attribute]
+                                if v != value])
+        spec = QuestionSpec(VERIFY, Ref(shape=obj.shape, **{attribute: value}))
+        answer = true_answer(scene, spec)
+        if answer is not None:
+            facts.append(Fact(_fact_text(spec, answer), answer, {"spec": spec}))
+    return facts
+
+
 def _fact_text(spec: QuestionSpec, answer: str) -> str:
     if spec.form == DESCRIBE:
         return f"the video shows {answer}"
+    if spec.form == VERIFY:
+        assert spec.ref is not None
+        negation = "" if answer == "yes" else "not "
+        return f"the {spec.ref.shape} is {negation}{spec.ref.predicate}"
     if spec.ref is None:
         return f"there are {answer} objects"
     if spec.form == "count":

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from datamodules.perturb import Fact, Perturbation, describe_item, synthetic_items
+from datamodules.perturb import Fact, Perturbation, describe_item, synthetic_items, verify_items
 from datamodules.records import QARecord, atomic_write_text, summarize_records, write_jsonl, write_records
 from datamodules.shapes import Scene, WorldConfig, sample_scene, write_clip
 from datamodules.writers import TemplateWriter, unwarranted_refusal
@@ -71,11 +71,12 @@ def scene_records(
     scene: Scene, video: str, record_prefix: str, seed: int, index: int, describe: bool = False
 ) -> list[QARecord]:
     """The QA records of one scene: answerable, then unanswerable questions, each with `rejected` set; with
-    `describe`, then the caption question ("What objects are in the video?", form "describe")."""
+    `describe`, then the caption question ("What objects are in the video?", form "describe") and up to
+    two qualifier checks ("Is the star small?", form "verify")."""
     rng = random.Random(f"shapes-questions:{seed}:{index}")
     items: list[Fact | Perturbation] = synthetic_items(scene, rng)
     if describe:
-        items.append(describe_item(scene))
+        items += [describe_item(scene), *verify_items(scene, rng)]
     written = TemplateWriter(f"{seed}:{index}").write(items)
     records = []
     for number, (item, text) in enumerate(zip(items, written, strict=True)):
@@ -140,8 +141,9 @@ def build_synthetic_dataset(
     per video: {"video", "split", "scene"}) and DIR/synth.json (the settings; a rerun with other
     settings is refused). Clips already rendered are skipped. `workers` processes render (default:
     the CPU count, in-process for small jobs). Each clip of a split in `describe` also gets the caption
-    question (every object with all its attributes): dense supervision for training, which by default
-    the evaluation splits leave out, so that they hold the question forms of the paper.
+    question (every object with all its attributes) and up to two qualifier checks ("Is the star small?"):
+    dense supervision for training, which by default the evaluation splits leave out, so that they hold
+    the question forms of the paper.
     """
     describe = tuple(describe)
     if unknown := sorted(set(describe) - set(SPLITS)):

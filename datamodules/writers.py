@@ -24,6 +24,8 @@ from typing import Any, Protocol
 from datamodules.perturb import (
     COUNT_WORDS,
     RELATION_PHRASES,
+    VERIFY,
+    VERIFY_ANSWERS,
     WHERE_ANSWERS,
     Fact,
     Perturbation,
@@ -57,6 +59,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "count": ("How many objects are {relation} {ref}?", "How many objects can be seen {relation} {ref}?"),
     "total": ("How many objects are there?", "How many objects are in the video?"),
     "describe": ("What objects are in the video?", "Describe the objects in the video."),
+    "verify": ("Is the {shape} {predicate}?", "Is the {shape} in the video {predicate}?"),
     "where_left of": (
         "Is {ref} to the left or to the right of {ref2}?",
         "Is {ref} on the left or on the right of {ref2}?",
@@ -80,8 +83,12 @@ def _template_key(spec: QuestionSpec) -> str:
 
 
 def unwarranted_refusal(spec: QuestionSpec) -> str:
-    """A refusal of an answerable synthetic question, naming what it asks about (a DPO `rejected`)."""
-    return REFUSAL_TEMPLATE.format(missing=spec.ref.element if spec.ref is not None else "object")
+    """A refusal of an answerable synthetic question, naming what it asks about (a DPO `rejected`).
+
+    A qualifier check asks about the object its shape names ("Is the star small?": the star)."""
+    if spec.ref is None:
+        return REFUSAL_TEMPLATE.format(missing="object")
+    return REFUSAL_TEMPLATE.format(missing=spec.ref.shape if spec.form == VERIFY else spec.ref.element)
 
 
 class TemplateWriter:
@@ -103,6 +110,8 @@ class TemplateWriter:
             ref=spec.ref.text if spec.ref else "",
             ref2=spec.ref2.text if spec.ref2 else "",
             relation=RELATION_PHRASES.get(spec.relation or "", ""),
+            shape=spec.ref.shape if spec.ref else "",
+            predicate=spec.ref.predicate if spec.form == VERIFY and spec.ref else "",
         )
         return text[0].upper() + text[1:]
 
@@ -127,8 +136,9 @@ def template_vocabulary() -> list[str]:
     Lowercased, with "?", "." and "," as separate tokens, as `split_words` splits text.
     """
     texts = [REFUSAL_TEMPLATE.format(missing="")]
-    texts += [t.format(ref="", ref2="", relation="") for group in TEMPLATES.values() for t in group]
-    texts += [*SHAPES, *COLOURS, *SIZES, *MOTIONS, *COUNT_WORDS, *WHERE_ANSWERS.values()]
+    texts += [t.format(ref="", ref2="", relation="", shape="", predicate="")
+              for group in TEMPLATES.values() for t in group]
+    texts += [*SHAPES, *COLOURS, *SIZES, *MOTIONS, *COUNT_WORDS, *WHERE_ANSWERS.values(), *VERIFY_ANSWERS]
     texts += [*RELATION_PHRASES.values(), "the object moving still", "moving standing still ,"]
     return sorted({word for text in texts for word in split_words(text)})
 

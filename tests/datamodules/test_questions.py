@@ -10,6 +10,7 @@ import pytest
 from datamodules.perturb import (
     FORMS,
     REF_KINDS,
+    VERIFY_ANSWERS,
     Fact,
     Perturbation,
     QuestionSpec,
@@ -26,6 +27,7 @@ from datamodules.perturb import (
     resolve_ref,
     synthetic_items,
     true_answer,
+    verify_items,
 )
 from datamodules.shapes import Scene, SceneObject, WorldConfig, sample_scene
 from datamodules.writers import (
@@ -350,8 +352,10 @@ def test_vocabulary_covers_every_generated_word(items):
     assert template_vocabulary() == sorted(vocabulary)
     assert all(word == word.lower() for word in vocabulary) and {"?", "."} <= vocabulary
     used = set()
-    captions = [(scene, describe_item(scene)) for scene in dict.fromkeys(scene for scene, _ in items)]
-    for index, (_, item) in enumerate([*items, *captions]):
+    dense = []  # the caption and the qualifier checks of each scene
+    for index, scene in enumerate(dict.fromkeys(scene for scene, _ in items)):
+        dense += [describe_item(scene), *verify_items(scene, random.Random(index))]
+    for index, item in enumerate([*(item for _, item in items), *dense]):
         (written,) = TemplateWriter(index).write([item])
         spec = item.slots["spec"]
         is_fact = isinstance(item, Fact)
@@ -384,3 +388,49 @@ def test_the_caption_names_every_object_left_to_right_with_all_its_attributes():
         assert len(parts) == len(scene.objects)
         named = {tuple(part.split()[:3]) for part in parts}
         assert named == {(o.size, o.colour, o.shape) for o in scene.objects}
+
+
+def test_a_qualifier_check_asks_one_attribute_of_a_present_object():
+    scene = known_scene()  # small red circle (still), large blue square (down), small green star (left)
+    writer = TemplateWriter(0)
+    cases = [
+        (Ref("circle", colour="red"), "yes", "red", "the circle is red"),
+        (Ref("square", size="small"), "no", "small", "the square is not small"),
+        (Ref("circle", motion="still"), "yes", "standing still", "the circle is standing still"),
+        (Ref("star", motion="up"), "no", "moving up", "the star is not moving up"),
+    ]
+    for ref, answer, predicate, fact in cases:
+        spec = QuestionSpec("verify", ref)
+        assert ref.predicate == predicate and true_answer(scene, spec) == answer
+        assert answer_choices(spec) == VERIFY_ANSWERS
+        item = Fact(fact, answer, {"spec": spec})
+        (written,) = writer.write([item])
+        phrasings = (f"Is the {ref.shape} {predicate}?", f"Is the {ref.shape} in the video {predicate}?")
+        assert written.question in phrasings
+        assert written.answer == answer
+        assert unwarranted_refusal(spec) == REFUSAL_TEMPLATE.format(missing=ref.shape)
+    assert true_answer(scene, QuestionSpec("verify", Ref("heart", colour="red"))) is None  # no heart
+    with pytest.raises(ValueError, match="predicate"):
+        _ = Ref("circle").predicate
+
+
+def test_qualifier_checks_are_true_or_false_at_even_odds_about_different_objects():
+    answers, attributes = Counter(), Counter()
+    for index, scene in enumerate(scenes(300)):
+        made = verify_items(scene, random.Random(index))
+        assert len(made) == min(2, len(scene.objects))
+        shapes = [item.slots["spec"].ref.shape for item in made]
+        assert len(set(shapes)) == len(shapes)
+        for item in made:
+            ref = item.slots["spec"].ref
+            (obj,) = [o for o in scene.objects if o.shape == ref.shape]
+            # checked here against the object's attributes directly, not through `resolve_ref`
+            attribute, value = next((a, v) for a, v in (("colour", ref.colour), ("size", ref.size),
+                                                         ("motion", ref.motion)) if v is not None)
+            assert item.answer == ("yes" if getattr(obj, attribute) == value else "no")
+            assert item.fact == f"the {ref.shape} is {'' if item.answer == 'yes' else 'not '}{ref.predicate}"
+            answers[item.answer] += 1
+            attributes[attribute] += 1
+    total = sum(answers.values())
+    assert abs(answers["yes"] / total - 0.5) < 0.06, answers
+    assert all(n > total / 4 for n in attributes.values()), attributes

@@ -71,22 +71,31 @@ def test_records_are_valid_and_split_by_video(built):
                 assert not record.rejected.startswith("The question")
 
 
-def test_every_video_has_four_answerable_questions_and_training_clips_a_caption(built):
+def test_every_video_has_four_answerable_questions_and_training_clips_a_caption_and_checks(built):
     out, _ = built
+    rows = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
+    scenes = {row["video"]: Scene.from_dict(row["scene"]) for row in rows}
     for split, records in load(out).items():
-        per_video = Counter(r.video for r in records if r.answerable and r.meta["form"] != "describe")
+        dense = ("describe", "verify")
+        per_video = Counter(r.video for r in records if r.answerable and r.meta["form"] not in dense)
         captions = Counter(r.video for r in records if r.meta["form"] == "describe")
+        checks = Counter(r.video for r in records if r.meta["form"] == "verify")
         assert set(per_video.values()) == {4}
         assert captions == (Counter(per_video.keys()) if split == "train" else Counter()), split
-        assert all(r.answerable for r in records if r.meta["form"] == "describe")
+        expected = Counter({video: min(2, len(scenes[video].objects)) for video in per_video})
+        assert checks == (expected if split == "train" else Counter()), split
+        assert all(r.answerable for r in records if r.meta["form"] in dense)
+        assert all(r.answer in ("yes", "no") for r in records if r.meta["form"] == "verify")
 
 
 def test_the_splits_with_captions_are_chosen(tmp_path):
     build_synthetic_dataset(tmp_path, 20, seed=3, describe=("val", "test"), **SMALL)
     forms = {split: {r.meta["form"] for r in records} for split, records in load(tmp_path).items()}
-    assert "describe" not in forms["train"] and "describe" in forms["val"] and "describe" in forms["test"]
+    assert not {"describe", "verify"} & forms["train"]
+    assert {"describe", "verify"} <= forms["val"] and {"describe", "verify"} <= forms["test"]
     build_synthetic_dataset(tmp_path, 20, seed=3, describe=(), **SMALL)
-    assert all(r.meta["form"] != "describe" for records in load(tmp_path).values() for r in records)
+    forms = {r.meta["form"] for records in load(tmp_path).values() for r in records}
+    assert not {"describe", "verify"} & forms
     with pytest.raises(SyntheticDatasetError, match="describe: unknown split"):
         build_synthetic_dataset(tmp_path, 20, seed=3, describe=("dev",), **SMALL)
 
