@@ -262,7 +262,7 @@ def test_chat_judge_timeout(server):
     start = time.monotonic()
     with pytest.raises(ChatJudgeError, match="no reply"):
         _judge(server, timeout=0.2, max_retries=1).judge_many([_item("slow")])
-    assert time.monotonic() - start < 0.9
+    assert time.monotonic() - start < 1.5  # two tries that each waited out the 1 s reply would take 2 s
     # a timeout followed by a prompt reply succeeds
     assert _judge(server, timeout=0.3, max_retries=2).judge_many([_item("slow-once")])[0].correct
 
@@ -283,8 +283,6 @@ def test_chat_judge_cache_in_memory_and_on_disk(server, tmp_path):
 
 def test_chat_judge_limits_concurrency(server):
     items = [JudgeItem("q", "red", f"answer {i} busy", answerable=True) for i in range(8)]
-    start = time.monotonic()
     assert all(j.correct for j in _judge(server, max_workers=4).judge_many(items))
     assert server.calls["busy"] == 8
-    assert 1 < server.max_in_flight <= 4
-    assert time.monotonic() - start < 8 * 0.15  # concurrent, not one after another
+    assert 1 < server.max_in_flight <= 4  # concurrent, not one after another, and never more than 4
