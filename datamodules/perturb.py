@@ -111,7 +111,7 @@ class Ref:
     def predicate(self) -> str:
         """The qualifier as said of the object: "red", "small", "moving up", "standing still"."""
         if self.motion is not None:
-            return "standing still" if self.motion == "still" else f"moving {self.motion}"
+            return motion_phrase(self.motion)
         qualifier = self.colour or self.size
         if qualifier is None or self.shape is None:
             raise ValueError(f"a predicate needs a shape with a colour, size or motion: {self}")
@@ -493,13 +493,17 @@ def synthetic_items(
     return facts + perturbations
 
 
+def motion_phrase(motion: str) -> str:
+    """How the caption and the qualifier checks say a motion: "moving up", "standing still"."""
+    return "standing still" if motion == "still" else f"moving {motion}"
+
+
 def describe_scene(scene: Scene) -> str:
     """Every object of `scene` from left to right (by start position) with all its attributes:
     "large red square moving up, small blue star standing still"."""
     parts = []
     for obj in sorted(scene.objects, key=lambda o: (o.x0, o.y0)):
-        motion = "standing still" if obj.motion == "still" else f"moving {obj.motion}"
-        parts.append(f"{obj.size} {obj.colour} {obj.shape} {motion}")
+        parts.append(f"{obj.size} {obj.colour} {obj.shape} {motion_phrase(obj.motion)}")
     return ", ".join(parts)
 
 
