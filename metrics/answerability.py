@@ -97,7 +97,7 @@ def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     value = (
         numerator / denominator
         if denominator.item() != 0
-        else torch.tensor(float("nan"), dtype=torch.float64)
+        else torch.tensor(float("nan"), dtype=torch.float64, device=numerator.device)
     )
     return value.float()
 
@@ -117,23 +117,24 @@ def _answerability_update(
     n = answerable.numel()
     refused, correct = _flags("refused", refused, n), _flags("correct", correct, n)
     unanswerable = ~answerable
+    zeros = answerable.new_zeros  # counts live on the inputs' device (a GPU's in `test`)
     counts = {
         "answerable_total": _count(answerable),
         "answerable_correct": _count(answerable & correct),
         "answerable_refused": _count(answerable & refused),
         "unanswerable_total": _count(unanswerable),
         "unanswerable_refused": _count(unanswerable & refused),
-        "reason_total": torch.zeros((), dtype=torch.long),
-        "reason_correct": torch.zeros((), dtype=torch.long),
-        "category_total": torch.zeros(len(CATEGORIES), dtype=torch.long),
-        "category_refused": torch.zeros(len(CATEGORIES), dtype=torch.long),
+        "reason_total": zeros((), dtype=torch.long),
+        "reason_correct": zeros((), dtype=torch.long),
+        "category_total": zeros(len(CATEGORIES), dtype=torch.long),
+        "category_refused": zeros(len(CATEGORIES), dtype=torch.long),
     }
     if reason_ok is not None:
         reason_ok = _flags("reason_ok", reason_ok, n)
         counts["reason_total"] = _count(unanswerable)
         counts["reason_correct"] = _count(unanswerable & refused & reason_ok)
     if category is not None:
-        category = torch.as_tensor(category).reshape(-1).long()
+        category = torch.as_tensor(category, device=answerable.device).reshape(-1).long()
         if category.numel() != n:
             raise ValueError(f"category has {category.numel()} items, expected {n} (one per test item)")
         if torch.any((category < -1) | (category >= len(CATEGORIES))):
@@ -143,8 +144,8 @@ def _answerability_update(
         known = unanswerable & (category >= 0)
         index = category[known]
         ones = torch.ones_like(index)
-        counts["category_total"] = torch.zeros(len(CATEGORIES), dtype=torch.long).index_add_(0, index, ones)
-        counts["category_refused"] = torch.zeros(len(CATEGORIES), dtype=torch.long).index_add_(
+        counts["category_total"] = zeros(len(CATEGORIES), dtype=torch.long).index_add_(0, index, ones)
+        counts["category_refused"] = zeros(len(CATEGORIES), dtype=torch.long).index_add_(
             0, index, refused[known].long()
         )
     return counts
@@ -337,7 +338,7 @@ def _auroc(positive: Tensor, negative: Tensor) -> Tensor:
     """Mann-Whitney AUROC with ties counted one half: P(positive > negative) + P(tie) / 2."""
     n_pos, n_neg = positive.numel(), negative.numel()
     if n_pos == 0 or n_neg == 0:
-        return torch.tensor(float("nan"))
+        return torch.tensor(float("nan"), device=positive.device)
     values = torch.cat([positive, negative]).double()
     sorted_values, order = torch.sort(values)
     _, inverse, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
@@ -358,7 +359,7 @@ def answerability_auroc(
     answerable = _flags("answerable", answerable, scores.numel())
     out = {"answerability_auroc": _auroc(scores[~answerable], scores[answerable])}
     if category is not None:
-        category = torch.as_tensor(category).reshape(-1).long()
+        category = torch.as_tensor(category, device=answerable.device).reshape(-1).long()
         for i, name in enumerate(CATEGORIES):
             out[f"answerability_auroc/{name}"] = _auroc(
                 scores[~answerable & (category == i)], scores[answerable]
@@ -414,7 +415,7 @@ class AnswerabilityAUROC(Metric):
         if category is None:
             category = torch.full_like(scores, -1, dtype=torch.long)
         else:
-            category = torch.as_tensor(category).reshape(-1).long()
+            category = torch.as_tensor(category, device=answerable.device).reshape(-1).long()
             if category.numel() != scores.numel():
                 raise ValueError(f"category has {category.numel()} items, expected {scores.numel()}")
             self.has_category += 1

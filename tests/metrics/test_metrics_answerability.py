@@ -195,6 +195,26 @@ def test_auroc_matches_reference(seed):
     assert_same(metric.compute(), reference_auroc(items))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_metrics_on_a_gpu_match_reference():
+    """As `test` uses them: the metrics moved to the GPU with the module, inputs made on the GPU."""
+    rng = random.Random(300)
+    items = random_items(rng, 60, p_answerable=0.5)
+    single, paired, auroc = (m.to("cuda") for m in (AnswerabilityMetrics(), PairedAnswerabilityMetrics(),
+                                                     AnswerabilityAUROC()))
+    for batch in split_batches(rng, items):
+        t = {name: value.to("cuda") for name, value in tensors(batch).items()}
+        single.update(t["refused"], t["correct"], t["answerable"], t["category"], t["reason_ok"])
+        paired.update(t["f0_refused"], t["f0_correct"], t["f1_refused"], t["f1_correct"], t["answerable"])
+        auroc.update(t["score"], t["answerable"], t["category"])
+    references = ((single, reference_single), (paired, reference_paired), (auroc, reference_auroc))
+    for metric, reference in references:
+        result = metric.compute()
+        assert all(value.device.type == "cuda" for value in result.values()), metric
+        assert_same(result, reference(items))
+
+
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_auroc_extremes_and_without_category():
     metric = AnswerabilityAUROC()
