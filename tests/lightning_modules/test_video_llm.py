@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lightning_modules.video_llm import TinyArchitecture, VideoLLMConfig, load_video_llm
 
@@ -16,3 +17,29 @@ def test_language_model_starts_at_its_width_scale(width, given, expected):
     assert model.config.text_config.initializer_range == pytest.approx(expected)
     weight = model.model.language_model.layers[0].self_attn.q_proj.weight
     assert weight.std().item() == pytest.approx(expected, rel=0.1)
+
+
+def test_a_left_padded_batch_stays_finite_where_sdpa_gives_nan_to_rows_with_no_key(monkeypatch):
+    """CUDA's SDPA kernels return NaN for a query row that may attend to no key (the CPU's returns 0), so a
+    left-padding position went NaN and spread to its whole sequence (seen on an H200 in bf16). Emulated here:
+    the padded sequence must match the same sequence alone."""
+    arch = TinyArchitecture(text_hidden=32, text_heads=2, text_layers=2, vision_layers=1, vision_hidden=32)
+    model, _ = load_video_llm(VideoLLMConfig(tiny=arch))
+    language_model = model.model.language_model.eval()
+    assert language_model.config._attn_implementation == "sdpa"
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def cuda_like(query, key, value, attn_mask=None, **kwargs):
+        out = real(query, key, value, attn_mask=attn_mask, **kwargs)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            out = out.masked_fill(~attn_mask.any(dim=-1, keepdim=True), float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cuda_like)
+    ids = torch.tensor([[0, 0, 7, 8, 9, 10], [7, 8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        padded = language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        alone = language_model(input_ids=ids[:1, 2:]).last_hidden_state
+    assert torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[0, 2:], alone[0], atol=1e-5, rtol=1e-4)
