@@ -26,9 +26,9 @@ def _sdpa_mask_attending_somewhere(*args: Any, **kwargs: Any) -> torch.Tensor | 
 
     Such rows are left-padding positions (causally restricted to keys that the padding mask removes). On
     CUDA, SDPA returns NaN for them and the NaN spreads to the whole sequence in the next layer (`0 * NaN`
-    where values are mixed), so a left-padded batch trains to a NaN loss and generates garbage in bf16 on a
-    GPU (seen on an H200, transformers 5.17, torch 2.11). transformers up to 4.57 unmasked these rows on
-    CUDA; 5.x dropped that. Their outputs are padding, never scored and never attended to by a real token.
+    where values are mixed): the likely cause of the NaN SFT loss seen in bf16 on an H200 (transformers
+    5.17, torch 2.11; not rerun there since). transformers up to 4.57 unmasked these rows on CUDA; 5.x
+    dropped that. Their outputs are padding, never scored and never attended to by a real token.
     """
     mask = sdpa_mask(*args, **kwargs)
     if mask is None or mask.dtype != torch.bool:
