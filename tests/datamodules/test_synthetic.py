@@ -34,6 +34,10 @@ def load(out):
     return {split: read_records(out / f"{split}.jsonl")[0] for split in SPLITS}
 
 
+def scene_rows(out):
+    return [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
+
+
 def test_writes_every_file(built):
     out, summary = built
     assert sorted(p.name for p in (out / "videos").iterdir()) == [f"v{i:06d}.mp4" for i in range(20)]
@@ -73,8 +77,7 @@ def test_records_are_valid_and_split_by_video(built):
 
 def test_every_video_has_four_answerable_questions_and_training_clips_a_caption_and_checks(built):
     out, _ = built
-    rows = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
-    scenes = {row["video"]: Scene.from_dict(row["scene"]) for row in rows}
+    scenes = {row["video"]: Scene.from_dict(row["scene"]) for row in scene_rows(out)}
     for split, records in load(out).items():
         dense = ("describe", "verify")
         per_video = Counter(r.video for r in records if r.answerable and r.meta["form"] not in dense)
@@ -102,7 +105,7 @@ def test_the_splits_with_captions_are_chosen(tmp_path):
 
 def test_scenes_file_matches_the_records(built):
     out, _ = built
-    rows = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
+    rows = scene_rows(out)
     assert len(rows) == 20
     records = load(out)
     split_of = {r.video: split for split, rs in records.items() for r in rs}
