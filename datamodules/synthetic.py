@@ -82,7 +82,9 @@ def scene_records(
     for number, (item, text) in enumerate(zip(items, written, strict=True)):
         assert text is not None, "the template writer phrases every synthetic item"
         spec = item.slots["spec"]
-        meta: dict[str, Any] = {"form": spec.form, "ref_kind": spec.ref.kind if spec.ref else None}
+        meta: dict[str, Any] = {
+            "form": spec.form, "ref_kind": spec.ref.kind if spec.ref else None, "objects": len(scene.objects)
+        }
         if isinstance(item, Fact):
             meta["fact"] = item.fact
             records.append(QARecord(

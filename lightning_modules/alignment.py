@@ -316,6 +316,8 @@ class AlignmentModule(L.LightningModule):
                 response=response,
                 judgement=judgement,
                 missing_element=r.missing_element,
+                form=r.meta.get("form"),
+                objects=r.meta.get("objects"),
                 refusal_likelihood=None if likelihood is None else float(likelihood[i]),
             )
             for i, (r, response, judgement) in enumerate(zip(records, responses, judgements, strict=True))

@@ -6,11 +6,13 @@ always be checked against the per-item predictions it came from.
 
 predictions.jsonl, one JSON object per test item:
 
-- single model: ``id, category, answerable, question, gold, missing_element, response, refused, correct,
-  reason_ok, refusal_likelihood`` (``category`` and ``missing_element`` null for answerable items,
-  ``refusal_likelihood`` null when it was not computed);
+- single model: ``id, category, answerable, question, gold, missing_element, form, objects, response, refused,
+  correct, reason_ok, refusal_likelihood`` (``category`` and ``missing_element`` null for answerable items,
+  ``refusal_likelihood`` null when it was not computed; ``form``, the question's form such as "colour" or
+  "where", and ``objects``, how many objects the clip shows, come from the record's ``meta`` and are null when
+  it does not say);
 - paired run (f0 before, f1 after alignment): the item fields ``id, category, answerable, question, gold,
-  missing_element`` once, and the model fields nested per model:
+  missing_element, form, objects`` once, and the model fields nested per model:
   ``"f0": {response, refused, correct, reason_ok, refusal_likelihood}, "f1": {...}``.
 
 metrics.json: for one model a flat ``{score: value}``; for a paired run
@@ -55,7 +57,9 @@ __all__ = [
     "write_reports",
 ]
 
-ITEM_FIELDS: tuple[str, ...] = ("id", "category", "answerable", "question", "gold", "missing_element")
+ITEM_FIELDS: tuple[str, ...] = (
+    "id", "category", "answerable", "question", "gold", "missing_element", "form", "objects"
+)
 MODEL_FIELDS: tuple[str, ...] = ("response", "refused", "correct", "reason_ok", "refusal_likelihood")
 SCORE_KEYS: tuple[str, ...] = (
     "answerable_accuracy",
@@ -126,6 +130,8 @@ def prediction_row(
     judgement: Judgement,
     refusal_likelihood: float | None = None,
     missing_element: str | None = None,
+    form: str | None = None,
+    objects: int | None = None,
 ) -> dict[str, Any]:
     """One line of a single-model predictions.jsonl."""
     return {
@@ -135,6 +141,8 @@ def prediction_row(
         "question": question,
         "gold": gold,
         "missing_element": missing_element,
+        "form": form,
+        "objects": objects,
         "response": response,
         "refused": bool(judgement.refused),
         "correct": bool(judgement.correct),
@@ -360,11 +368,45 @@ def _counts_line(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"Items: {len(rows)} ({n_a} answerable, {len(rows) - n_a} unanswerable: {per_category})."
 
 
+def _skill_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A table of answerable accuracy by question form, split by one object / several objects in the clip when
+    the rows say: which skills the model has, the first thing to check of a base before aligning it."""
+    answerable = [r for r in rows if r["answerable"] and r.get("form") is not None]
+    if not answerable:
+        return []
+    models = ["f0", "f1"] if is_paired(rows) else []
+
+    def clip(row: Mapping[str, Any]) -> str:
+        objects = row.get("objects")
+        return "" if objects is None else "1 object" if objects == 1 else "2+ objects"
+
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in answerable:
+        groups.setdefault((str(row["form"]), clip(row)), []).append(row)
+    columns = models or ["accuracy"]
+    lines = [
+        "",
+        "## Answerable accuracy by question form",
+        "",
+        "| form | clip | items | " + " | ".join(columns) + " |",
+        "|---|---|---:|" + "---:|" * len(columns),
+    ]
+    for (form, kind), members in sorted(groups.items()):
+        accuracies = [
+            sum(bool((row[model] if model else row)["correct"]) for row in members) / len(members)
+            for model in (models or [None])
+        ]
+        cells = " | ".join(_fmt(accuracy) for accuracy in accuracies)
+        lines.append(f"| {form} | {kind} | {len(members)} | {cells} |")
+    return lines
+
+
 def format_report(
     metrics: Metrics, title: str = "Answerability report", rows: Sequence[Mapping[str, Any]] | None = None
 ) -> str:
-    """The Markdown report: one table of scores (columns f0 and f1 for a paired run) and, for a paired run,
-    a table of the alignment scores with their denominators. Values have 3 decimals; NaN is "NaN"."""
+    """The Markdown report: one table of scores (columns f0 and f1 for a paired run), for a paired run a table
+    of the alignment scores with their denominators, and, when the rows carry question forms, answerable
+    accuracy by form (`_skill_lines`). Values have 3 decimals; NaN is "NaN"."""
     lines = [f"# {title}", ""]
     if rows:
         lines += [_counts_line(rows), ""]
@@ -391,6 +433,7 @@ def format_report(
         lines += ["| score | better | value |", "|---|---|---:|"]
         for key in _ordered_keys(metrics):
             lines.append(f"| {key} | {_better(key)} | {_fmt(metrics[key])} |")
+    lines += _skill_lines(rows or [])
     lines += ["", "NaN: the score's denominator is zero (no such items)."]
     return "\n".join(lines) + "\n"
 

@@ -190,9 +190,14 @@ def test_test_on_a_lora_checkpoint_scores_f0_and_f1(tmp_path, lora_dpo_run, cli_
             assert isinstance(row[model]["refusal_likelihood"], float)
     assert any(row["f0"]["refusal_likelihood"] != row["f1"]["refusal_likelihood"] for row in rows), \
         "f0 is the model with its adapters disabled, not the adapted one"
+    meta = {r.id: r.meta for r in records}
+    assert all((row["form"], row["objects"]) == (meta[row["id"]]["form"], meta[row["id"]]["objects"])
+               for row in rows)
 
     by_hand = check_report_against_predictions(out)
     assert "answerability_auroc" in by_hand["f0"] and "answerability_auroc" in by_hand["f1"]
+    assert "## Answerable accuracy by question form\n\n| form | clip | items | f0 | f1 |" in (
+        out / "report.md").read_text()
     logged = cli.trainer.callback_metrics
     assert float(logged["test/f1/answerable_accuracy"]) == pytest.approx(by_hand["f1"]["answerable_accuracy"])
 

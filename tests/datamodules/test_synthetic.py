@@ -89,6 +89,7 @@ def test_every_video_has_four_answerable_questions_and_training_clips_a_caption_
         assert checks == (expected if split == "train" else Counter()), split
         assert all(r.answerable for r in records if r.meta["form"] in dense)
         assert all(r.answer in ("yes", "no") for r in records if r.meta["form"] == "verify")
+        assert all(r.meta["objects"] == len(scenes[r.video].objects) for r in records)
 
 
 def test_the_splits_with_captions_are_chosen(tmp_path):

@@ -19,7 +19,7 @@ from metrics.answerability import (
     PairedAnswerabilityMetrics,
     category_ids,
 )
-from metrics.judges import ExactMatchJudge, JudgeItem
+from metrics.judges import ExactMatchJudge, JudgeItem, Judgement
 from metrics.report import (
     combine_metrics_table,
     format_report,
@@ -246,6 +246,35 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         report.write_report_md(target, {"overall_accuracy": 0.5})
     assert target.read_text() == "old report\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left behind
+
+
+def test_report_gives_answerable_accuracy_by_question_form_and_object_count():
+    def row(item_id, form, objects, correct, answerable=True):
+        category = None if answerable else "object"
+        return prediction_row(
+            id=item_id, question="q", gold="red", answerable=answerable, category=category, response="red",
+            judgement=Judgement(refused=False, correct=correct, reason_ok=False), form=form, objects=objects,
+        )
+
+    # colour on 1-object clips: 2 of 2 right; on 2+ object clips 1 of 3 (a 3-object clip counts as 2+);
+    # where: 0 of 1; the unanswerable item and the item without a form are not in the table.
+    f1 = [row("a", "colour", 1, True), row("b", "colour", 1, True), row("c", "colour", 2, True),
+          row("d", "colour", 2, False), row("e", "colour", 3, False), row("f", "where", 2, False),
+          row("g", "colour", 2, False, answerable=False), row("h", None, None, True)]
+    text = format_report(metrics_from_predictions(f1), rows=f1)
+    section = text.split("## Answerable accuracy by question form")[1]
+    assert "| colour | 1 object | 2 | 1.000 |" in section
+    assert "| colour | 2+ objects | 3 | 0.333 |" in section
+    assert "| where | 2+ objects | 1 | 0.000 |" in section
+    assert section.count("\n| ") == 4  # the header and three groups
+
+    f0 = [{**r, "correct": not r["correct"]} for r in f1]
+    paired = paired_rows(f0, f1)
+    assert {r["form"] for r in paired} == {"colour", "where", None} and paired[0]["objects"] == 1
+    section = format_report(metrics_from_predictions(paired), rows=paired).split("by question form")[1]
+    assert "| form | clip | items | f0 | f1 |" in section
+    assert "| colour | 2+ objects | 3 | 0.667 | 0.333 |" in section
+    assert "by question form" not in format_report(metrics_from_predictions(f1[-1:]), rows=f1[-1:])
 
 
 def test_paired_rows_join_on_id_and_name_the_missing_id():
