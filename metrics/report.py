@@ -374,7 +374,7 @@ def _skill_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     answerable = [r for r in rows if r["answerable"] and r.get("form") is not None]
     if not answerable:
         return []
-    models = ["f0", "f1"] if is_paired(rows) else []
+    models = ("f0", "f1") if is_paired(rows) else (None,)  # None: a single model's fields are the row's own
 
     def clip(row: Mapping[str, Any]) -> str:
         objects = row.get("objects")
@@ -383,7 +383,7 @@ def _skill_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in answerable:
         groups.setdefault((str(row["form"]), clip(row)), []).append(row)
-    columns = models or ["accuracy"]
+    columns = [model or "accuracy" for model in models]
     lines = [
         "",
         "## Answerable accuracy by question form",
@@ -394,7 +394,7 @@ def _skill_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for (form, kind), members in sorted(groups.items()):
         accuracies = [
             sum(bool((row[model] if model else row)["correct"]) for row in members) / len(members)
-            for model in (models or [None])
+            for model in models
         ]
         cells = " | ".join(_fmt(accuracy) for accuracy in accuracies)
         lines.append(f"| {form} | {kind} | {len(members)} | {cells} |")
