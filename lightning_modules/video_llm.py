@@ -114,7 +114,7 @@ class VideoLLMConfig:
     trust_remote_code: bool = False
     """Allow a checkpoint's own modelling code (off unless a config turns it on)."""
     attn_implementation: str | None = None
-    """E.g. "sdpa" or "flash_attention_2"; None lets transformers choose."""
+    """E.g. "sdpa", "eager" or "flash_attention_2" (the tiny model too); None lets transformers choose."""
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -357,6 +357,8 @@ def load_video_llm(config: VideoLLMConfig, vocabulary: list[str] | None = None) 
             vocabulary = template_vocabulary()
         processor = build_tiny_processor(vocabulary, config.tiny)
         model = build_tiny_model(processor.tokenizer, config.tiny, config.vision_tower)
+        if config.attn_implementation:
+            model.set_attn_implementation(config.attn_implementation)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

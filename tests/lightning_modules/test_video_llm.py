@@ -43,3 +43,22 @@ def test_a_left_padded_batch_stays_finite_where_sdpa_gives_nan_to_rows_with_no_k
         alone = language_model(input_ids=ids[:1, 2:]).last_hidden_state
     assert torch.isfinite(padded).all()
     torch.testing.assert_close(padded[0, 2:], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_the_tiny_model_takes_the_configured_attention_implementation():
+    """`attn_implementation` reaches the tiny model's language model and vision tower, and only changes the
+    kernel: eager attention gives the same logits as SDPA on the same weights and a left-padded batch."""
+    arch = TinyArchitecture(text_hidden=32, text_heads=2, text_layers=2, vision_layers=1, vision_hidden=32)
+    models = {}
+    for implementation in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model, _ = load_video_llm(VideoLLMConfig(tiny=arch, attn_implementation=implementation))
+        models[implementation], config = model, model.config
+        assert config.text_config._attn_implementation == implementation
+        assert config.vision_config._attn_implementation == implementation
+    ids = torch.tensor([[0, 0, 7, 8, 9, 10], [7, 8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        sdpa, eager = (models[k].eval()(input_ids=ids, attention_mask=mask).logits for k in ("sdpa", "eager"))
+    torch.testing.assert_close(eager[0, 2:], sdpa[0, 2:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(eager[1], sdpa[1], atol=1e-5, rtol=1e-4)
