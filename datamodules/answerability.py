@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.records import QARecord, RecordError, read_records
@@ -435,12 +436,21 @@ class AnswerabilityDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world}")
         return batch_size // world
 
-    def _loader(self, split: str, mode: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, mode: str, batch_size: int, shuffle: bool, every_item_once: bool = False
+                ) -> DataLoader:
+        """`every_item_once`: under DDP, split the items across ranks without the repeats that Lightning's
+        `DistributedSampler` pads with, so that `test` scores every item once (ranks may then run one batch
+        apart: safe outside `fit`, where the model is not wrapped in DDP)."""
         dataset = self.datasets[split]
+        sampler = EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None
+        if every_item_once and self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             dataset,
             batch_size=self._per_device(batch_size),
-            sampler=EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=ChatCollator(self.processor, mode, self.hparams.max_length),
             persistent_workers=self.hparams.num_workers > 0,
@@ -453,10 +463,10 @@ class AnswerabilityDataModule(L.LightningDataModule):
         return self._loader("val", self.hparams.objective, self.hparams.eval_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", "generate", self.hparams.eval_batch_size, False)
+        return self._loader("test", "generate", self.hparams.eval_batch_size, False, every_item_once=True)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", "generate", self.hparams.eval_batch_size, False)
+        return self._loader("predict", "generate", self.hparams.eval_batch_size, False, every_item_once=True)
 
 
 def read_predictions(path: str | Path) -> dict[str, str]:

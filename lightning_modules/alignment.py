@@ -363,5 +363,5 @@ def _gather(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return rows
     gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, rows)
-    unique = {row["id"]: row for part in gathered for row in part}  # the distributed sampler may repeat items
+    unique = {row["id"]: row for part in gathered for row in part}  # a padding sampler repeats items
     return list(unique.values())

@@ -1,6 +1,6 @@
 """`main.py`, the LightningCLI: every shipped config parses, `predict` and `test` write their files, `test`'s
-numbers agree with its predictions recomputed by hand, a 2-process DDP `fit` on CPU, and user errors as one
-line. The tiny runs' fixtures are in tests/conftest.py.
+numbers agree with its predictions recomputed by hand, 2-process DDP `fit` and `test` on CPU, and user errors
+as one line. The tiny runs' fixtures are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -272,3 +272,38 @@ def test_a_bad_pair_is_one_line_from_the_command_line(tmp_path, cli_args, main_e
     last = done.stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: {re.escape(str(train))}: field 'rejected': record '{rows[5]['id']}' has no "
                         r"rejected response for DPO .*", last), last
+
+
+def test_ddp_test_on_two_cpu_processes_scores_every_item_once(tmp_path, lora_dpo_run, cli_args, run_main,
+                                                               main_env, synthetic_data):
+    """`test` on 2 CPU processes (gloo) over 5 records, which 2 ranks cannot split evenly: every record is
+    scored once (a padding sampler would score one twice), and the scores equal a 1-process run's."""
+    lines = (synthetic_data / "test.jsonl").read_text().splitlines()
+    lines = sorted(lines, key=lambda line: json.loads(line)["answerable"])[:5]  # unanswerable first
+    assert not json.loads(lines[0])["answerable"], "a padding sampler repeats the first record"
+    test_file = tmp_path / "five.jsonl"
+    test_file.write_text("\n".join(lines) + "\n")
+    ids = sorted(json.loads(line)["id"] for line in lines)
+
+    def args(out: Path) -> list[str]:
+        return cli_args("test", out, objective="dpo", base=lora_dpo_run.base, lora=True,
+                        extra=[f"--model.init_args.output_dir={out}",
+                               f"--data.init_args.test_file={test_file}",
+                               f"--data.init_args.video_root={synthetic_data}",
+                               "--data.init_args.eval_batch_size=4",
+                               f"--ckpt_path={lora_dpo_run.out / 'checkpoints' / 'last.ckpt'}"])
+
+    run_main(args(tmp_path / "one"))
+    done = run_main_py([*args(tmp_path / "two"), "-c", str(REPO / "configs/trainer/ddp.yaml"),
+                        "--trainer.devices=2"], main_env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "MEMBER: 2/2" in output, "two processes"
+    rows = [json.loads(line) for line in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(row["id"] for row in rows) == ids
+    one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
+    assert set(one) == set(two) == {"f0", "f1", "paired"}
+    for group in one:
+        assert two[group] == pytest.approx(one[group], abs=1e-6), group
+    unanswerable_not_refused_by_f0 = sum(not row["answerable"] and not row["f0"]["refused"] for row in rows)
+    assert one["paired"]["discretion/denominator"] == unanswerable_not_refused_by_f0
