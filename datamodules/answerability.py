@@ -21,7 +21,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.records import QARecord, RecordError, read_records
-from datamodules.video import read_video
+from datamodules.video import Clip, read_clip
 from datamodules.writers import REFUSAL_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -46,24 +46,24 @@ class Example:
 
 
 class ExampleDataset(Dataset):
-    """Examples with their decoded frames, kept in memory after the first read (clips are small)."""
+    """Examples with their decoded clips, kept in memory after the first read (clips are small)."""
 
     def __init__(self, examples: Sequence[Example], num_frames: int, cache_frames: bool = True):
         self.examples = list(examples)
         self.num_frames = num_frames
-        self.cache: dict[str, np.ndarray] | None = {} if cache_frames else None
+        self.cache: dict[str, Clip] | None = {} if cache_frames else None
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> tuple[Example, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[Example, Clip]:
         example = self.examples[index]
         if self.cache is not None and example.video_path in self.cache:
             return example, self.cache[example.video_path]
-        frames = read_video(example.video_path, self.num_frames)
+        clip = read_clip(example.video_path, self.num_frames)
         if self.cache is not None:
-            self.cache[example.video_path] = frames
-        return example, frames
+            self.cache[example.video_path] = clip
+        return example, clip
 
 
 class EpochSeededSampler(RandomSampler):
@@ -87,7 +87,8 @@ class EpochSeededSampler(RandomSampler):
 
 
 class ChatCollator:
-    """Turns (example, frames) pairs into model inputs with the processor's chat template.
+    """Turns (example, clip) pairs into model inputs with the processor's chat template (a clip: a `Clip`,
+    whose frame rate and frame indices reach the processor, or a bare (T, H, W, 3) frame array).
 
     `mode`: "sft" (prompt + gold answer, labels on the answer only), "dpo" (chosen rows then rejected rows),
     "generate" (prompt only, plus prompt + refusal opening for the refusal likelihood).
@@ -128,8 +129,13 @@ class ChatCollator:
         )
         return text if generation_prompt else text.rstrip()
 
-    def _encode(self, texts: list[str], videos: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        return dict(self.processor(text=texts, videos=videos, return_tensors="pt", padding=True))
+    def _encode(self, texts: list[str], videos: list[Clip | np.ndarray]) -> dict[str, torch.Tensor]:
+        """The processor's batch; clips (not bare frame arrays) also give it their `video_metadata`."""
+        frames = [video.frames if isinstance(video, Clip) else video for video in videos]
+        timing = {}
+        if all(isinstance(video, Clip) for video in videos):
+            timing["video_metadata"] = [video.metadata() for video in videos]
+        return dict(self.processor(text=texts, videos=frames, return_tensors="pt", padding=True, **timing))
 
     def _response_spans(self, conversations: list[tuple[tuple[str, str | None], ...]]) -> list[tuple]:
         """For each conversation: (its text, its token count, the (start, end) token span of each response).
@@ -155,7 +161,9 @@ class ChatCollator:
             at += len(counts)
         return [self._spans[turns] for turns in conversations]
 
-    def _labelled(self, examples: list[Example], responses: list[str], videos: list[np.ndarray]) -> dict:
+    def _labelled(
+        self, examples: list[Example], responses: list[str], videos: list[Clip | np.ndarray]
+    ) -> dict[str, Any]:
         """Encode each example's conversation; labels on its responses only.
 
         The first turn's response is `responses[i]`; an example's `follow_ups` add turns with gold answers.
@@ -197,9 +205,9 @@ class ChatCollator:
                     "raise max_length or use fewer frames",
                 )
 
-    def __call__(self, items: list[tuple[Example, np.ndarray]]) -> dict[str, Any]:
+    def __call__(self, items: list[tuple[Example, Clip | np.ndarray]]) -> dict[str, Any]:
         examples = [example for example, _ in items]
-        videos = [frames for _, frames in items]
+        videos = [video for _, video in items]
         ids = [e.record.id for e in examples]
         if self.mode == "sft":
             batch = self._labelled(examples, [e.record.answer for e in examples], videos)

@@ -1,4 +1,5 @@
-"""The one video reader: `num_frames` frames sampled uniformly over a whole clip, as (T, H, W, 3) uint8.
+"""The one video reader: `num_frames` frames sampled uniformly over a whole clip, as (T, H, W, 3) uint8
+(`read_video`), or as a `Clip` that also gives their indices and the file's frame rate (`read_clip`).
 
 decord is the default backend and PyAV the fallback (used when decord is missing or cannot open a file).
 A missing, empty or undecodable file raises `VideoError` naming the file.
@@ -7,7 +8,9 @@ A missing, empty or undecodable file raises `VideoError` naming the file.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +35,43 @@ def sample_indices(total: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total - 1, num_frames).round().astype(np.int64)
 
 
+@dataclass(frozen=True)
+class Clip:
+    """Frames sampled from a video file, with where they sit in it."""
+
+    frames: np.ndarray
+    """(T, H, W, 3) uint8 RGB."""
+    indices: tuple[int, ...]
+    """The sampled frames' indices in the file."""
+    total_frames: int
+    """The file's frame count."""
+    fps: float | None
+    """The file's frame rate; None when the container does not give one."""
+
+    def metadata(self) -> dict[str, Any]:
+        """transformers' `VideoMetadata` fields, for a processor's `video_metadata`.
+
+        Qwen2.5-VL spaces its frames' temporal positions by the sampled frame rate, len(indices) /
+        total_frames * fps; without it the processor assumes 24 fps, which squeezes 8 frames sampled over a
+        minute into a third of a second.
+        """
+        return {
+            "total_num_frames": self.total_frames,
+            "fps": self.fps,
+            "frames_indices": list(self.indices),
+            "duration": self.total_frames / self.fps if self.fps else None,
+            "height": int(self.frames.shape[1]),
+            "width": int(self.frames.shape[2]),
+        }
+
+
 def read_video(path: str | os.PathLike, num_frames: int, backend: str = "decord") -> np.ndarray:
-    """Read `num_frames` uniformly sampled frames of `path` as a (T, H, W, 3) uint8 RGB array.
+    """Read `num_frames` uniformly sampled frames of `path` as a (T, H, W, 3) uint8 RGB array."""
+    return read_clip(path, num_frames, backend).frames
+
+
+def read_clip(path: str | os.PathLike, num_frames: int, backend: str = "decord") -> Clip:
+    """Read `num_frames` uniformly sampled frames of `path`, with their indices and the file's frame rate.
 
     With `backend="decord"`, PyAV takes over when decord is not installed or fails on the file; the
     error then names both reasons. With `backend="pyav"`, only PyAV is used.
@@ -59,7 +97,7 @@ def read_video(path: str | os.PathLike, num_frames: int, backend: str = "decord"
     return _read_pyav(path, num_frames)
 
 
-def _read_decord(path: Path, num_frames: int) -> np.ndarray:
+def _read_decord(path: Path, num_frames: int) -> Clip:
     import decord  # imported here so that machines without a decord wheel still read through PyAV
 
     try:
@@ -67,15 +105,17 @@ def _read_decord(path: Path, num_frames: int) -> np.ndarray:
         total = len(reader)
         if total < 1:
             raise VideoError(path, "decord: the video has no frames")
-        frames = reader.get_batch(sample_indices(total, num_frames).tolist()).asnumpy()
+        indices = sample_indices(total, num_frames)
+        frames = reader.get_batch(indices.tolist()).asnumpy()
+        fps = reader.get_avg_fps()
     except VideoError:
         raise
     except Exception as error:  # decord raises DECORDError / RuntimeError for unreadable streams
         raise VideoError(path, f"decord: {_first_line(error, path)}") from None
-    return _check(path, frames, num_frames, "decord")
+    return _clip(path, frames, num_frames, "decord", indices, total, fps)
 
 
-def _read_pyav(path: Path, num_frames: int) -> np.ndarray:
+def _read_pyav(path: Path, num_frames: int) -> Clip:
     """Decode with PyAV, converting only the sampled frames.
 
     The header's frame count is often missing or wrong, so the frames actually decoded are counted;
@@ -89,20 +129,23 @@ def _read_pyav(path: Path, num_frames: int) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoError(path, "PyAV: the file has no video stream")
-            expected = container.streams.video[0].frames
+            stream = container.streams.video[0]
+            expected, rate = stream.frames, stream.average_rate or stream.guessed_rate
         total = expected if expected > 0 else _pyav_pass(av, path, None)[1]
         if total < 1:
             raise VideoError(path, "PyAV: the video has no frames")
-        frames, decoded = _pyav_pass(av, path, sample_indices(total, num_frames))
+        indices = sample_indices(total, num_frames)
+        frames, decoded = _pyav_pass(av, path, indices)
         if decoded != total:
             if decoded < 1:
                 raise VideoError(path, "PyAV: the video has no frames")
-            frames, _ = _pyav_pass(av, path, sample_indices(decoded, num_frames))
+            total, indices = decoded, sample_indices(decoded, num_frames)
+            frames, _ = _pyav_pass(av, path, indices)
     except VideoError:
         raise
     except Exception as error:  # av.error.FFmpegError and its subclasses
         raise VideoError(path, f"PyAV: {_first_line(error, path)}") from None
-    return _check(path, frames, num_frames, "PyAV")
+    return _clip(path, frames, num_frames, "PyAV", indices, total, rate)
 
 
 def _pyav_pass(av, path: Path, indices: np.ndarray | None) -> tuple[np.ndarray | None, int]:
@@ -121,11 +164,14 @@ def _pyav_pass(av, path: Path, indices: np.ndarray | None) -> tuple[np.ndarray |
     return np.stack([wanted[int(i)] for i in indices]), count
 
 
-def _check(path: Path, frames: np.ndarray | None, num_frames: int, backend: str) -> np.ndarray:
+def _clip(path: Path, frames: np.ndarray | None, num_frames: int, backend: str, indices: np.ndarray,
+          total: int, fps: Any) -> Clip:
     if frames is None or frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3:
         shape = None if frames is None else frames.shape
         raise VideoError(path, f"{backend}: decoded an unexpected array of shape {shape}")
-    return np.ascontiguousarray(frames, dtype=np.uint8)
+    fps = float(fps) if fps else None
+    return Clip(np.ascontiguousarray(frames, dtype=np.uint8), tuple(int(i) for i in indices), int(total),
+                fps if fps and np.isfinite(fps) else None)
 
 
 def _first_line(error: BaseException, path: Path) -> str:

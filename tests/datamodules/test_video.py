@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from transformers.video_utils import VideoMetadata
 
 from datamodules.shapes import WorldConfig, sample_scene, write_clip
-from datamodules.video import VideoError, read_video, sample_indices
+from datamodules.video import VideoError, read_clip, read_video, sample_indices
 
 BACKENDS = ["decord", "pyav"]
 
@@ -56,6 +57,20 @@ def test_indices_span_the_whole_clip(tmp_path, backend):
     path = numbered_clip(tmp_path / "n.mp4", frames=12)
     assert frame_indices(read_video(path, 4, backend)) == [0, 4, 7, 11]
     assert frame_indices(read_video(path, 12, backend)) == list(range(12))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_clip_knows_its_frame_indices_and_frame_rate(tmp_path, backend):
+    """`read_clip`: the frames `read_video` gives, the indices they were decoded from, the file's frame count
+    and rate, and those as transformers' video metadata (sampled fps = 4 / 12 * 8)."""
+    path = numbered_clip(tmp_path / "n.mp4", frames=12)
+    clip = read_clip(path, 4, backend)
+    assert frame_indices(clip.frames) == list(clip.indices) == [0, 4, 7, 11]
+    assert (clip.total_frames, clip.fps) == (12, pytest.approx(8.0))
+    assert np.array_equal(clip.frames, read_video(path, 4, backend))
+    metadata = VideoMetadata(**clip.metadata())
+    assert metadata.sampled_fps == pytest.approx(4 / 12 * 8) and metadata.duration == pytest.approx(1.5)
+    assert (metadata.height, metadata.width) == (32, 32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

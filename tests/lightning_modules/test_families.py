@@ -15,9 +15,9 @@ import pytest
 import torch
 from tiny_families import EXTRA_WORDS, FAMILIES
 
-from datamodules.answerability import IGNORE_INDEX, REFUSAL_OPENING, ChatCollator, Example
+from datamodules.answerability import IGNORE_INDEX, REFUSAL_OPENING, ChatCollator, Example, ExampleDataset
 from datamodules.records import QARecord
-from datamodules.shapes import sample_scene
+from datamodules.shapes import WorldConfig, sample_scene, write_clip
 from datamodules.writers import template_vocabulary
 from lightning_modules.alignment import MODEL_INPUTS, AlignmentModule
 from lightning_modules.losses import sft_loss
@@ -181,3 +181,24 @@ def test_lora_reference_is_the_base_model(family, checkpoint, items):
     assert not torch.allclose(adapted, reference, atol=1e-4)
     with torch.no_grad():
         assert module.model_step(dpo, "train") < loss, "one DPO step moves the policy toward the chosen side"
+
+
+def test_qwen2_5_vl_places_frames_in_time_by_the_clip_frame_rate(checkpoint, tmp_path):
+    """Clips read from files bring their frame rate and frame indices to the processor: Qwen2.5-VL's
+    `second_per_grid_ts` (seconds per temporal patch, which spaces the frames' temporal positions) is
+    temporal_patch_size / sampled fps, not the 24 fps the processor assumes for bare frame arrays."""
+    path = tmp_path / "clip.mp4"
+    write_clip(sample_scene(random.Random(0), WorldConfig(frames=16)).render(), path, fps=8)
+    examples = [Example(record, str(path), record.rejected) for record in RECORDS]
+    items = [ExampleDataset(examples, num_frames=4)[i] for i in (0, 1)]
+    assert items[0][1].indices == (0, 5, 10, 15) and items[0][1].fps == pytest.approx(8.0)
+    model, processor = load_video_llm(VideoLLMConfig(name_or_path=checkpoint("qwen2_5_vl"), num_frames=4))
+    patch = processor.video_processor.temporal_patch_size
+    sampled_fps = 4 / 16 * 8
+    batch = ChatCollator(processor, "sft")(items)
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([patch / sampled_fps] * 2)
+    bare = ChatCollator(processor, "sft")([(example, clip.frames) for example, clip in items])
+    assert bare["second_per_grid_ts"].tolist() == pytest.approx([patch / 24] * 2), "no timing: 24 fps"
+    with torch.no_grad():
+        logits = model(**model_inputs(batch), use_cache=False).logits
+    assert torch.isfinite(logits).all()
