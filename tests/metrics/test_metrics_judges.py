@@ -143,23 +143,26 @@ class _Server:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    self._answer(marker, count, body)
+                    code, payload = self._answer(marker, count, body)
                 finally:
+                    # Out of flight before the reply leaves: once the client has it, it may send its next
+                    # request, which must not find this one still counted.
                     with server.lock:
                         server.in_flight -= 1
+                self._send(code, payload)
 
-            def _answer(self, marker, count, body):
+            def _answer(self, marker, count, body) -> tuple[int, dict]:
                 if marker == "always-500" or (marker == "fail-once" and count == 1):
-                    return self._send(500, {"error": "overloaded"})
+                    return 500, {"error": "overloaded"}
                 if marker == "bad-request":
-                    return self._send(400, {"error": "bad model"})
+                    return 400, {"error": "bad model"}
                 if marker == "slow" or (marker == "slow-once" and count == 1):
                     time.sleep(server.slow_s)
                 if marker == "busy":
                     time.sleep(0.15)
                 content = {"say-no": "No.", "say-garbage": "Let me think about it."}.get(marker, "Yes")
                 reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-                return self._send(200, {"model": body["model"], **reply})
+                return 200, {"model": body["model"], **reply}
 
             def _send(self, code, payload):
                 data = json.dumps(payload).encode()
