@@ -6,10 +6,11 @@ from the LightningModule at `setup` (attribute `processor`) or from its own `pro
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -69,9 +70,10 @@ class ExampleDataset(Dataset):
 class EpochSeededSampler(RandomSampler):
     """A shuffling sampler whose order is a function of (seed, epoch) alone.
 
-    Lightning calls `set_epoch` before each epoch, so a run resumed from an end-of-epoch checkpoint sees the
-    same batches as an uninterrupted one (a plain `RandomSampler` draws from the global RNG, whose state a
-    resumed run does not share). Under DDP Lightning swaps it for a `DistributedSampler`, seeded likewise.
+    Lightning calls `set_epoch` before each epoch, so a resumed run sees the batches of an uninterrupted one
+    (a plain `RandomSampler` draws from the global RNG, whose state a resumed run does not share); mid-epoch,
+    `ResumableDataLoader` then skips the batches already trained on. Under DDP Lightning swaps it for a
+    `DistributedSampler`, seeded likewise.
     """
 
     def __init__(self, data_source: Dataset, seed: int):
@@ -84,6 +86,53 @@ class EpochSeededSampler(RandomSampler):
     def __iter__(self):
         self.generator.manual_seed(self.seed + self.epoch)
         return super().__iter__()
+
+
+class ResumableDataLoader(DataLoader):
+    """A `DataLoader` that a run resumed from a mid-epoch checkpoint continues where it stopped.
+
+    Lightning's protocol for resumable loaders (`state_dict` / `load_state_dict`, kept in the checkpoint): the
+    state is the number of batches of the current epoch the trainer had processed (`processed`, read through
+    the `processed` callable when the checkpoint is written), and the first epoch iterated after
+    `load_state_dict` skips that many batches of its sampler's order, without loading them. So the sampler's
+    order must be a function of the epoch (`EpochSeededSampler`, or Lightning's `DistributedSampler` under
+    DDP); without this a resumed epoch starts again from its first batch and never reaches its last ones.
+    """
+
+    def __init__(self, *args: Any, processed: Callable[[], int] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.processed = processed
+        self._skip = 0
+        self._resume_at: _SkipFirst | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": int(self.processed()) if self.processed is not None else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches", 0))
+
+    @property
+    def _index_sampler(self):
+        # torch's iterators draw their batches of indices from here (and may keep the object across epochs,
+        # with persistent workers), so the skip is read from the loader each time an epoch starts.
+        inner = super()._index_sampler
+        if self._resume_at is None or self._resume_at.inner is not inner:
+            self._resume_at = _SkipFirst(inner, self)
+        return self._resume_at
+
+
+class _SkipFirst:
+    """`inner`'s indices, less the first `loader._skip` items of the next pass (then the skip is spent)."""
+
+    def __init__(self, inner: Any, loader: ResumableDataLoader):
+        self.inner, self.loader = inner, loader
+
+    def __iter__(self):
+        skip, self.loader._skip = self.loader._skip, 0
+        return itertools.islice(iter(self.inner), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 class ChatCollator:
@@ -455,14 +504,20 @@ class AnswerabilityDataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
-        return DataLoader(
-            dataset,
-            batch_size=self._per_device(batch_size),
-            sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            collate_fn=ChatCollator(self.processor, mode, self.hparams.max_length),
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        options: dict[str, Any] = {
+            "batch_size": self._per_device(batch_size),
+            "sampler": sampler,
+            "num_workers": self.hparams.num_workers,
+            "collate_fn": ChatCollator(self.processor, mode, self.hparams.max_length),
+            "persistent_workers": self.hparams.num_workers > 0,
+        }
+        if split == "train":
+            return ResumableDataLoader(dataset, processed=self._train_batches_processed, **options)
+        return DataLoader(dataset, **options)
+
+    def _train_batches_processed(self) -> int:
+        """Batches of the current training epoch the trainer has processed (what a resumed run skips)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.objective, self.hparams.batch_size, True)

@@ -8,6 +8,7 @@ scores the adapters-disabled model (f0) in the same run for the before/after sco
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from contextlib import nullcontext
@@ -116,10 +117,12 @@ class AlignmentModule(L.LightningModule):
         return Path(self.hparams.output_dir or self.trainer.default_root_dir)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        # Checkpoints go to a fixed folder of the run, so `--ckpt_path last` finds them when resuming.
+        # Checkpoints go to a fixed folder of the run, so `--ckpt_path last` finds them when resuming. One is
+        # kept, written at every validation (mid-epoch with an int `val_check_interval`) and at each epoch's
+        # end; `last.ckpt` links to it. (`save_top_k=0` would write `last.ckpt` at epoch ends only.)
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        return [ModelCheckpoint(dirpath=self.out_dir / "checkpoints", save_last=True, save_top_k=0)]
+        return [ModelCheckpoint(dirpath=self.out_dir / "checkpoints", save_last="link", save_top_k=1)]
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Records and ids ride along with the tensors but are plain Python: move only the rest.
@@ -195,10 +198,20 @@ class AlignmentModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.llm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.hparams.warmup_steps, total - 1)
+        warmup_steps, trainer = self.hparams.warmup_steps, self.trainer
+
+        # The schedule's length is asked for at the first step, not here: asking Lightning here builds the
+        # training loader before a resumed run's loop state is restored, and the loader then cannot skip the
+        # batches that a mid-epoch checkpoint has already trained on (`ResumableDataLoader`).
+        @functools.cache
+        def warmup_and_total() -> tuple[int, int]:
+            total = max(int(trainer.estimated_stepping_batches), 1)
+            return min(warmup_steps, total - 1), total
 
         def factor(step: int) -> float:
+            if step == 0:  # LambdaLR's call at construction
+                return 1 / (warmup_steps + 1)
+            warmup, total = warmup_and_total()
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             progress = (step - warmup) / max(total - warmup, 1)

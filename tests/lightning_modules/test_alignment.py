@@ -325,13 +325,64 @@ class StopAfter(L.Callback):
             trainer.should_stop = True
 
 
+class CrashAt(L.Callback):
+    """Raises before optimizer step `step`: a run killed mid-epoch, after a checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError("killed")
+
+
+class SeenBatches(L.Callback):
+    """The record ids of the batch of each optimizer step."""
+
+    def __init__(self):
+        self.ids: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.ids[trainer.global_step] = list(batch["ids"])
+
+
+def test_mid_epoch_resume_trains_on_the_batches_an_uninterrupted_run_does(tmp_path, cli_args, run_main,
+                                                                          tiny_base):
+    """One epoch of 4 batches, validated and checkpointed every 2: a run killed before step 3 and resumed
+    from its step-2 `last.ckpt` trains steps 3-4 on batches 3-4 (not on batches 1-2 again) and ends with the
+    uninterrupted run's adapters."""
+
+    def args(out: Path, subcommand: str | None = "fit") -> list[str]:
+        return cli_args(subcommand, out, base=tiny_base, lora=True, steps=-1,
+                        extra=["--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+                               "--trainer.val_check_interval=2", "--model.init_args.lr=0.01",
+                               "--model.init_args.warmup_steps=1"])
+
+    def fit(out: Path, *callbacks: L.Callback, ckpt_path: Path | None = None):
+        cli = run_main(args(out, subcommand=None), run=False)
+        cli.trainer.callbacks.extend(callbacks)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        return {n: p.detach().clone() for n, p in cli.model.llm.named_parameters() if p.requires_grad}
+
+    straight_batches, resumed_batches = SeenBatches(), SeenBatches()
+    straight = fit(tmp_path / "straight", straight_batches)
+    assert sorted(straight_batches.ids) == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "resumed", CrashAt(2))
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 2, "a checkpoint at the mid-epoch validation"
+    final = fit(tmp_path / "resumed", resumed_batches, ckpt_path=last)
+    assert resumed_batches.ids == {2: straight_batches.ids[2], 3: straight_batches.ids[3]}
+    for name in straight:
+        torch.testing.assert_close(final[name], straight[name], msg=name)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, cli_args, run_main, tiny_base):
     """2 epochs of 2 steps straight == interrupted after epoch 1, then `--ckpt_path last` (LoRA, a cosine
     schedule over the 4 steps, shuffled batches). The resumed run logs to W&B: `last` must still find the run
     folder's checkpoint, not look in a W&B folder.
 
-    Exact at epoch ends: a mid-epoch `last.ckpt` restarts the epoch's data (Lightning warns), and Lightning
-    2.6 misplaces an epoch-end resume of a max_steps-bounded run, hence max_epochs here."""
+    Lightning 2.6 misplaces an epoch-end resume of a max_steps-bounded run, hence max_epochs here."""
     import wandb
 
     def args(out: Path, subcommand: str | None = "fit", **kwargs) -> list[str]:
