@@ -493,8 +493,9 @@ class AnswerabilityDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world}")
         return batch_size // world
 
-    def _loader(self, split: str, mode: str, batch_size: int, shuffle: bool, every_item_once: bool = False
-                ) -> DataLoader:
+    def _loader(
+        self, split: str, mode: str, batch_size: int, shuffle: bool, every_item_once: bool = False
+    ) -> DataLoader:
         """`every_item_once`: under DDP, split the items across ranks without the repeats that Lightning's
         `DistributedSampler` pads with, so that `test` scores every item once (ranks may then run one batch
         apart: safe outside `fit`, where the model is not wrapped in DDP)."""

@@ -7,6 +7,7 @@ A missing, empty or undecodable file raises `VideoError` naming the file.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,9 +170,9 @@ def _clip(path: Path, frames: np.ndarray | None, num_frames: int, backend: str, 
     if frames is None or frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3:
         shape = None if frames is None else frames.shape
         raise VideoError(path, f"{backend}: decoded an unexpected array of shape {shape}")
-    fps = float(fps) if fps else None
+    rate = float(fps or 0.0)
     return Clip(np.ascontiguousarray(frames, dtype=np.uint8), tuple(int(i) for i in indices), int(total),
-                fps if fps and np.isfinite(fps) else None)
+                rate if math.isfinite(rate) and rate > 0 else None)
 
 
 def _first_line(error: BaseException, path: Path) -> str:
