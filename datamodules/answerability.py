@@ -190,8 +190,9 @@ class ChatCollator:
         """For each conversation: (its text, its token count, the (start, end) token span of each response).
 
         Spans come from the token counts of the text up to each turn's question (with the generation prompt)
-        and up to its response. Conversations not seen before are tokenized together in one call; results
-        are kept, so later epochs skip the chat template.
+        and up to its response, which must tokenize as a prefix of the whole conversation's tokens (checked:
+        a tokenizer that merges tokens across the prompt's end would misplace the labels). Conversations not
+        seen before are tokenized together in one call; results are kept, so later epochs skip the template.
         """
         new = list(dict.fromkeys(turns for turns in conversations if turns not in self._spans))
         texts = []
@@ -200,12 +201,22 @@ class ChatCollator:
             for turn in range(len(turns)):
                 texts.append(self._chat([*turns[:turn], (turns[turn][0], None)], generation_prompt=True))
                 texts.append(self._chat(turns[: turn + 1]))
-        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else []
+        encoded = self.tokenizer(texts)["input_ids"] if texts else []
         if len(self._spans) + len(new) > self.CACHE_SIZE:
             self._spans.clear()
         at = 0
         for turns in new:
-            counts = lengths[at : at + 1 + 2 * len(turns)]
+            whole, prefixes = encoded[at], encoded[at + 1 : at + 1 + 2 * len(turns)]
+            for number, prefix in enumerate(prefixes, start=1):
+                if whole[: len(prefix)] != prefix:
+                    name, part, conversation = type(self.tokenizer).__name__, texts[at + number], texts[at]
+                    raise ValueError(
+                        f"{name}: the chat text {part[-40:]!r} does not tokenize as a prefix of its "
+                        f"conversation {conversation[:200]!r}, so the response labels would be misplaced; "
+                        "the chat template must end a prompt (and a response) where the tokenizer does not "
+                        "merge across"
+                    )
+            counts = [len(ids) for ids in (whole, *prefixes)]
             self._spans[turns] = (texts[at], counts[0], tuple(zip(counts[1::2], counts[2::2], strict=True)))
             at += len(counts)
         return [self._spans[turns] for turns in conversations]

@@ -24,7 +24,13 @@ from datamodules.answerability import (
 from datamodules.records import RecordError, read_records
 from datamodules.video import read_video
 from datamodules.writers import template_vocabulary
-from lightning_modules.video_llm import TinyArchitecture, VideoLLMConfig, build_tiny_processor, load_video_llm
+from lightning_modules.video_llm import (
+    TINY_CHAT_TEMPLATE,
+    TinyArchitecture,
+    VideoLLMConfig,
+    build_tiny_processor,
+    load_video_llm,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -155,6 +161,19 @@ def test_over_long_prompt_is_an_error_naming_the_record(processor, synthetic_dat
     module.setup("fit")
     with pytest.raises(RecordError, match=r"train\.jsonl: field 'question': record 'v\d+-q\d+'.*length=10"):
         next(iter(module.train_dataloader()))
+
+
+def test_a_template_the_tokenizer_merges_across_is_an_error(synthetic_data):
+    """Response labels are placed by the token counts of the chat text up to each response; a template that
+    glues the response to the prompt ("ASSISTANTred" is one word, unknown) breaks that, and the collator says
+    so instead of labelling the wrong tokens."""
+    processor = build_tiny_processor(template_vocabulary(), TinyArchitecture())
+    processor.chat_template = TINY_CHAT_TEMPLATE.replace("ASSISTANT: ", "ASSISTANT").replace(
+        "ASSISTANT:{% endif %}", "ASSISTANT{% endif %}")
+    items = items_of(synthetic_data)[:2]
+    with pytest.raises(ValueError, match="does not tokenize as a prefix of its conversation"):
+        ChatCollator(processor, "sft")(items)
+    ChatCollator(build_tiny_processor(template_vocabulary(), TinyArchitecture()), "sft")(items)
 
 
 # ------------------------------------------------------------------------------------------ bad pairs
