@@ -79,6 +79,10 @@ def test_shipped_config_parses(config, run_main, capsys):
         if model["objective"] == "dpo":
             assert model["beta"] == 0.1 and model["loss_type"] == "sigmoid"
         assert raw["data"]["init_args"]["data_dir"] == "data/uvqa"
+        # A checkpoint (written at each validation) between optimizer steps: accumulated gradients are not
+        # saved, so one mid-window would lose them on resume.
+        trainer = parsed["trainer"]
+        assert trainer["val_check_interval"] % trainer["accumulate_grad_batches"] == 0
 
 
 @pytest.mark.parametrize("base", TRAINER_BASES)
