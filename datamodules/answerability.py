@@ -103,7 +103,6 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.processed = processed
         self._skip = 0
-        self._resume_at: _SkipFirst | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {"batches": int(self.processed()) if self.processed is not None else 0}
@@ -115,10 +114,7 @@ class ResumableDataLoader(DataLoader):
     def _index_sampler(self):
         # torch's iterators draw their batches of indices from here (and may keep the object across epochs,
         # with persistent workers), so the skip is read from the loader each time an epoch starts.
-        inner = super()._index_sampler
-        if self._resume_at is None or self._resume_at.inner is not inner:
-            self._resume_at = _SkipFirst(inner, self)
-        return self._resume_at
+        return _SkipFirst(super()._index_sampler, self)
 
 
 class _SkipFirst:
