@@ -165,8 +165,15 @@ def _pyav_pass(av, path: Path, indices: np.ndarray | None) -> tuple[np.ndarray |
     return np.stack([wanted[int(i)] for i in indices]), count
 
 
-def _clip(path: Path, frames: np.ndarray | None, num_frames: int, backend: str, indices: np.ndarray,
-          total: int, fps: Any) -> Clip:
+def _clip(
+    path: Path,
+    frames: np.ndarray | None,
+    num_frames: int,
+    backend: str,
+    indices: np.ndarray,
+    total: int,
+    fps: Any,
+) -> Clip:
     if frames is None or frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3:
         shape = None if frames is None else frames.shape
         raise VideoError(path, f"{backend}: decoded an unexpected array of shape {shape}")
