@@ -327,7 +327,8 @@ class AnswerabilityDataModule(L.LightningDataModule):
             video_root: root of the `video` paths; defaults to each record file's folder.
             objective: "sft" (prompt -> gold answer) or "dpo" (chosen gold vs rejected response).
             unanswerable_fraction: share of unanswerable records in the training mix (0 keeps answerable only,
-                None keeps the files' mix); the larger side is subsampled, deterministically for `seed`.
+                None keeps the files' mix); the larger side is subsampled, deterministically for `seed`. For
+                DPO it is the share of the pairs kept: pairs whose rejected response is the gold one go first.
             predict_answerable: for `predict`, keep only answerable (True) or unanswerable (False) records.
             rejected_predictions: a `predictions.jsonl` (id, response; a path as given, not inside data_dir)
                 whose responses are the rejected side of DPO pairs, for the records selected by
@@ -399,21 +400,21 @@ class AnswerabilityDataModule(L.LightningDataModule):
         rejected: dict[str, str] = {}
         if pairs:
             rejected = self._rejected_responses(records, self._path(name), predictions)
+            # A pair whose rejected response is the gold one has no preference to learn. It is dropped before
+            # mixing, so that `unanswerable_fraction` is the share of the pairs that are trained on.
+            kept = [r for r in records if rejected[r.id].strip() != r.answer.strip()]
+            if len(kept) < len(records):
+                self.skipped_pairs += len(records) - len(kept)
+                log.warning(
+                    "%s: skipped %d pairs whose rejected response equals the chosen one",
+                    name,
+                    len(records) - len(kept),
+                )
+            records = kept
         if mix:
             records = self._mix(records)
-        examples = []
-        for record in records:
-            video = str(root / record.video)
-            example = Example(record, video, rejected.get(record.id), str(self._path(name)))
-            if pairs and example.rejected is not None and example.rejected.strip() == record.answer.strip():
-                self.skipped_pairs += 1  # the rejected response is the gold one: no preference to learn
-                continue
-            examples.append(example)
-        if pairs and self.skipped_pairs:
-            log.warning(
-                "%s: skipped %d pairs whose rejected response equals the chosen one", name, self.skipped_pairs
-            )
-        return examples
+        path = str(self._path(name))
+        return [Example(r, str(root / r.video), rejected.get(r.id), path) for r in records]
 
     def _pack(self, examples: list[Example], turns: int) -> list[Example]:
         """Conversations of up to `turns` questions about one clip, in a seeded random order per clip."""

@@ -8,6 +8,7 @@ shared fixtures are in tests/conftest.py.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -219,6 +220,30 @@ def test_rejected_predictions_must_cover_every_record(processor, synthetic_data,
     assert {e.record.id: e.rejected for e in examples if not e.record.answerable} == dict.fromkeys(
         unanswerable, "red")
     assert all(e.rejected == e.record.rejected for e in examples if e.record.answerable)
+
+
+def test_pairs_without_preference_are_dropped_before_the_mix(processor, synthetic_data, tmp_path, caplog):
+    """On-policy rejected responses for every record: where the prediction is the gold answer there is no
+    preference, and the pair is dropped before mixing, so the trained pairs have the configured share of
+    unanswerable records; the log names the file and the count."""
+    rows = record_rows(synthetic_data)
+    answerable = [r for r in rows if r["answerable"]]
+    right = {r["id"] for r in answerable[: len(answerable) // 2]}  # "f0" answers half of them right
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", [
+        {"id": r["id"], "response": r["answer"] if r["id"] in right else "a wrong answer"} for r in rows])
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    module = dpo_module(processor, synthetic_data, train, rejected_predictions=str(predictions),
+                        rejected_predictions_for="all", unanswerable_fraction=0.5)
+    with caplog.at_level(logging.WARNING):
+        module.setup("fit")
+    examples = module.datasets["train"].examples
+    assert module.skipped_pairs == len(right)
+    assert f"train.jsonl: skipped {len(right)} pairs whose rejected response equals" in caplog.text
+    assert not any(e.record.id in right for e in examples)
+    assert all(e.rejected == "a wrong answer" for e in examples)
+    kept_answerable = sum(e.record.answerable for e in examples)
+    assert kept_answerable == min(len(answerable) - len(right), len(rows) - len(answerable))
+    assert kept_answerable == len(examples) - kept_answerable  # the configured 0.5, not the files' share
 
 
 def test_training_order_depends_on_seed_and_epoch_only(synthetic_data, processor):
