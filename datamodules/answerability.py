@@ -403,13 +403,10 @@ class AnswerabilityDataModule(L.LightningDataModule):
             # A pair whose rejected response is the gold one has no preference to learn. It is dropped before
             # mixing, so that `unanswerable_fraction` is the share of the pairs that are trained on.
             kept = [r for r in records if rejected[r.id].strip() != r.answer.strip()]
-            if len(kept) < len(records):
-                self.skipped_pairs += len(records) - len(kept)
-                log.warning(
-                    "%s: skipped %d pairs whose rejected response equals the chosen one",
-                    name,
-                    len(records) - len(kept),
-                )
+            skipped = len(records) - len(kept)
+            if skipped:
+                self.skipped_pairs += skipped
+                log.warning("%s: skipped %d pairs whose rejected response is the chosen one", name, skipped)
             records = kept
         if mix:
             records = self._mix(records)

@@ -238,7 +238,7 @@ def test_pairs_without_preference_are_dropped_before_the_mix(processor, syntheti
         module.setup("fit")
     examples = module.datasets["train"].examples
     assert module.skipped_pairs == len(right)
-    assert f"train.jsonl: skipped {len(right)} pairs whose rejected response equals" in caplog.text
+    assert f"train.jsonl: skipped {len(right)} pairs whose rejected response is the" in caplog.text
     assert not any(e.record.id in right for e in examples)
     assert all(e.rejected == "a wrong answer" for e in examples)
     kept_answerable = sum(e.record.answerable for e in examples)
