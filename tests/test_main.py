@@ -259,6 +259,47 @@ def test_ddp_fit_on_two_cpu_processes(tmp_path, cli_args, main_env):
     assert checkpoint["global_step"] == 2 and all(k.startswith("llm.") for k in checkpoint["state_dict"])
 
 
+def test_ddp_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path, cli_args, main_env):
+    """2 CPU processes, one epoch of 4 steps validated and checkpointed every 2: a run killed before step 3
+    and resumed with `--ckpt_path last` trains steps 3-4 on each rank's batches 3-4 (not 1-2 again) and
+    exports the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    env = dict(main_env, PYTHONPATH=f"{Path(__file__).parent}:{main_env['PYTHONPATH']}")
+
+    def fit(out: Path, *callbacks: dict, resume: bool = False) -> subprocess.CompletedProcess:
+        seen = {"class_path": "ddp_probes.SeenBatches", "init_args": {"path": str(out / "seen")}}
+        args = ["fit", "-c", str(REPO / "configs/trainer/ddp.yaml"), *cli_args(None, out, steps=-1),
+                "--trainer.devices=2", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+                "--trainer.val_check_interval=2", "--model.init_args.lr=0.01",
+                "--model.init_args.warmup_steps=1",
+                f"--trainer.callbacks={json.dumps([*callbacks, seen])}"]
+        return run_main_py(args + (["--ckpt_path=last"] if resume else []), env, timeout=300)
+
+    def seen(out: Path) -> list[tuple[int, int, list[str]]]:
+        rows = [json.loads(line) for rank in (0, 1) for line in (out / f"seen.rank{rank}.jsonl").open()]
+        return [(row["rank"], row["step"], row["ids"]) for row in rows]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = fit(straight)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    crashed = fit(resumed, {"class_path": "ddp_probes.CrashAt", "init_args": {"step": 2}})
+    assert crashed.returncode != 0 and "killed before step 2" in crashed.stderr, crashed.stderr[-3000:]
+    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2, "a checkpoint at the mid-epoch validation"
+    done = fit(resumed, resume=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+    expected = seen(straight)
+    assert [row[:2] for row in expected] == [(rank, step) for rank in (0, 1) for step in range(4)]
+    assert expected[0][2] != expected[4][2], "the ranks split each batch"
+    assert seen(resumed) == expected, "steps 1-2 before the crash, then 3-4 on the straight run's batches"
+    final, reference = (load_file(out / "hf_model" / "model.safetensors") for out in (resumed, straight))
+    assert final.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], msg=name)
+
+
 def test_a_bad_pair_is_one_line_from_the_command_line(tmp_path, cli_args, main_env, synthetic_data):
     """A DPO record without a rejected response: exit status 2 and one message naming file, field and record,
     no traceback."""
