@@ -1,6 +1,6 @@
 """`main.py`, the LightningCLI: every shipped config parses, `predict` and `test` write their files, `test`'s
-numbers agree with its predictions recomputed by hand, 2-process DDP `fit` and `test` on CPU, and user errors
-as one line. The tiny runs' fixtures are in tests/conftest.py.
+numbers agree with its predictions recomputed by hand, 2-process DDP `fit` (and its mid-epoch resume) and
+`test` on CPU, and user errors as one line. The tiny runs' fixtures are in tests/conftest.py.
 """
 
 from __future__ import annotations
