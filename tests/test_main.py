@@ -268,7 +268,7 @@ def test_ddp_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path, cli_args, m
     env = dict(main_env, PYTHONPATH=f"{Path(__file__).parent}:{main_env['PYTHONPATH']}")
 
     def fit(out: Path, *callbacks: dict, resume: bool = False) -> subprocess.CompletedProcess:
-        seen = {"class_path": "ddp_probes.SeenBatches", "init_args": {"path": str(out / "seen")}}
+        seen = {"class_path": "probes.SeenBatches", "init_args": {"path": str(out / "seen")}}
         args = ["fit", "-c", str(REPO / "configs/trainer/ddp.yaml"), *cli_args(None, out, steps=-1),
                 "--trainer.devices=2", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
                 "--trainer.val_check_interval=2", "--model.init_args.lr=0.01",
@@ -283,7 +283,7 @@ def test_ddp_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path, cli_args, m
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = fit(straight)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    crashed = fit(resumed, {"class_path": "ddp_probes.CrashAt", "init_args": {"step": 2}})
+    crashed = fit(resumed, {"class_path": "probes.CrashAt", "init_args": {"step": 2}})
     assert crashed.returncode != 0 and "killed before step 2" in crashed.stderr, crashed.stderr[-3000:]
     checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2, "a checkpoint at the mid-epoch validation"

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from probes import CrashAt, SeenBatches, StopAfter
 
 from datamodules.answerability import (
     IGNORE_INDEX,
@@ -356,38 +357,6 @@ def test_full_finetuning_dpo_reference_is_a_frozen_copy(tmp_path, cli_args, run_
     assert any(not torch.equal(policy[n], fresh_state[n]) for n, p in policy.items() if p.requires_grad)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
     assert set(state) == trainable_keys(module), "no reference weights in the checkpoint"
-
-
-class StopAfter(L.Callback):
-    """Stops training after `steps` optimizer steps: an interrupted run whose schedule spans max_steps."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-
-class CrashAt(L.Callback):
-    """Raises before optimizer step `step`: a run killed mid-epoch, after a checkpoint."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            raise RuntimeError("killed")
-
-
-class SeenBatches(L.Callback):
-    """The record ids of the batch of each optimizer step."""
-
-    def __init__(self):
-        self.ids: dict[int, list[str]] = {}
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.ids[trainer.global_step] = list(batch["ids"])
 
 
 def test_mid_epoch_resume_trains_on_the_batches_an_uninterrupted_run_does(tmp_path, cli_args, run_main,
