@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -265,7 +266,7 @@ def test_ddp_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path, cli_args, m
     exports the uninterrupted run's weights."""
     from safetensors.torch import load_file
 
-    env = dict(main_env, PYTHONPATH=f"{Path(__file__).parent}:{main_env['PYTHONPATH']}")
+    env = dict(main_env, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), main_env["PYTHONPATH"]]))
 
     def fit(out: Path, *callbacks: dict, resume: bool = False) -> subprocess.CompletedProcess:
         seen = {"class_path": "probes.SeenBatches", "init_args": {"path": str(out / "seen")}}
