@@ -269,12 +269,12 @@ def test_ddp_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path, cli_args, m
     env = dict(main_env, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), main_env["PYTHONPATH"]]))
 
     def fit(out: Path, *callbacks: dict, resume: bool = False) -> subprocess.CompletedProcess:
-        seen = {"class_path": "probes.SeenBatches", "init_args": {"path": str(out / "seen")}}
+        recorder = {"class_path": "probes.SeenBatches", "init_args": {"path": str(out / "seen")}}
         args = ["fit", "-c", str(REPO / "configs/trainer/ddp.yaml"), *cli_args(None, out, steps=-1),
                 "--trainer.devices=2", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
                 "--trainer.val_check_interval=2", "--model.init_args.lr=0.01",
                 "--model.init_args.warmup_steps=1",
-                f"--trainer.callbacks={json.dumps([*callbacks, seen])}"]
+                f"--trainer.callbacks={json.dumps([*callbacks, recorder])}"]
         return run_main_py(args + (["--ckpt_path=last"] if resume else []), env, timeout=300)
 
     def seen(out: Path) -> list[tuple[int, int, list[str]]]:
