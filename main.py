@@ -13,7 +13,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.records import RecordError
-from datamodules.synthetic import SyntheticDatasetError
+from datamodules.shapes.dataset import SyntheticDatasetError
 from datamodules.video import VideoError
 
 # Errors that are the user's to fix (a bad record, pair, video or dataset setting): one line, exit status 2.

@@ -60,10 +60,11 @@ def worker(setting: str, data_dir: Path, pairs: int, warmup: int, steps: int, th
 
     from datamodules.answerability import ChatCollator, Example
     from datamodules.records import read_records
+    from datamodules.shapes.questions import template_vocabulary
     from datamodules.video import read_video
-    from datamodules.writers import template_vocabulary
     from lightning_modules.alignment import AlignmentModule
-    from lightning_modules.video_llm import LoraSettings, VideoLLMConfig, build_tiny_processor
+    from lightning_modules.tiny import build_tiny_processor
+    from lightning_modules.video_llm import LoraSettings, VideoLLMConfig
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -140,7 +141,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.data, args.pairs, args.warmup, args.steps, args.threads)))
         return
 
-    from datamodules.synthetic import build_synthetic_dataset
+    from datamodules.shapes.dataset import build_synthetic_dataset
 
     command = " ".join([Path(sys.executable).name, *sys.argv])
     print(f"command: {command}")

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.records import CATEGORIES, RecordError, read_records, summarize_records
+from datamodules.shapes.dataset import SyntheticDatasetError, build_synthetic_dataset, format_summary
 from datamodules.sources.generate import add_generate_parser, add_import_videochatgpt_parser
-from datamodules.synthetic import SyntheticDatasetError, build_synthetic_dataset, format_summary
 from datamodules.video import VideoError
 
 # Errors that are the user's to fix: reported as one line, exit status 2.

@@ -359,7 +359,7 @@ class AnswerabilityDataModule(L.LightningDataModule):
         wanted = [self.hparams.train_file, self.hparams.val_file, self.hparams.test_file]
         if all(self._path(name).exists() for name in wanted if name):
             return
-        from datamodules.synthetic import build_synthetic_dataset
+        from datamodules.shapes.dataset import build_synthetic_dataset
 
         log.info("building the synthetic dataset in %s", data_dir)
         build_synthetic_dataset(

@@ -21,17 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from datamodules.perturb import (
-    COUNT_WORDS,
-    RELATION_PHRASES,
-    VERIFY,
-    VERIFY_ANSWERS,
-    WHERE_ANSWERS,
-    Fact,
-    Perturbation,
-    QuestionSpec,
-)
-from datamodules.shapes import COLOURS, MOTIONS, SHAPES, SIZES
+from datamodules.perturb import Perturbation
 
 REFUSAL_TEMPLATE = "The question is unanswerable because there is no {missing} in the video."
 
@@ -46,104 +36,7 @@ class QuestionWriter(Protocol):
     def write(self, items: Sequence[Perturbation]) -> list[WrittenQuestion | None]: ...
 
 
-# ================================================================================= the template writer
-# Fixed templates for the synthetic world's `QuestionSpec`s. Each form has two phrasings, picked by a
-# hash of (seed, spec), so the choice is deterministic and independent of the order of items; the same
-# phrasings serve answerable and unanswerable questions.
-
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "colour": ("What colour is {ref}?", "What is the colour of {ref}?"),
-    "shape": ("What shape is {ref}?", "What is the shape of {ref}?"),
-    "size": ("What size is {ref}?", "Is {ref} small or large?"),
-    "direction": ("Which direction is {ref} moving?", "In which direction is {ref} moving?"),
-    "count": ("How many objects are {relation} {ref}?", "How many objects can be seen {relation} {ref}?"),
-    "total": ("How many objects are there?", "How many objects are in the video?"),
-    "describe": ("What objects are in the video?", "Describe the objects in the video."),
-    "verify": ("Is the {shape} {predicate}?", "Is the {shape} in the video {predicate}?"),
-    "where_left of": (
-        "Is {ref} to the left or to the right of {ref2}?",
-        "Is {ref} on the left or on the right of {ref2}?",
-    ),
-    "where_above": ("Is {ref} above or below {ref2}?", "Is {ref} higher or lower than {ref2}?"),
-}
-_WORD = re.compile(r"[a-z0-9]+|[?.,]")
-
-
-def split_words(text: str) -> list[str]:
-    """Lowercased words with "?", "." and "," as separate tokens (the word tokenizer's rule)."""
-    return _WORD.findall(text.lower())
-
-
-def _template_key(spec: QuestionSpec) -> str:
-    if spec.form == "count" and spec.ref is None:
-        return "total"
-    if spec.form == "where":
-        return f"where_{spec.relation}"
-    return spec.form
-
-
-def unwarranted_refusal(spec: QuestionSpec) -> str:
-    """A refusal of an answerable synthetic question, naming what it asks about (a DPO `rejected`).
-
-    A qualifier check asks about the object its shape names ("Is the star small?": the star)."""
-    if spec.ref is None:
-        return REFUSAL_TEMPLATE.format(missing="object")
-    return REFUSAL_TEMPLATE.format(missing=spec.ref.shape if spec.form == VERIFY else spec.ref.element)
-
-
-class TemplateWriter:
-    """Phrases synthetic question specs with fixed templates: offline, deterministic for a seed.
-
-    Items are `Fact`s (answer: the short answer) or `Perturbation`s (answer: a refusal naming the
-    missing element) whose `slots["spec"]` is a `QuestionSpec`; real-data perturbations without a spec are
-    phrased by `real_question`; any other item comes back as None.
-    """
-
-    def __init__(self, seed: int | str = 0):
-        self.seed = seed  # a string seed lets a caller vary phrasings per video: f"{seed}:{video}"
-
-    def question(self, spec: QuestionSpec) -> str:
-        templates = TEMPLATES[_template_key(spec)]
-        # A string seed is hashed with SHA-512 by `random`, so the choice does not vary between runs.
-        template = random.Random(f"{self.seed}|{spec!r}").choice(templates)
-        text = template.format(
-            ref=spec.ref.text if spec.ref else "",
-            ref2=spec.ref2.text if spec.ref2 else "",
-            relation=RELATION_PHRASES.get(spec.relation or "", ""),
-            shape=spec.ref.shape if spec.ref else "",
-            predicate=spec.ref.predicate if spec.form == VERIFY and spec.ref else "",
-        )
-        return text[0].upper() + text[1:]
-
-    def write(self, items: Sequence[Perturbation | Fact]) -> list[WrittenQuestion | None]:
-        written: list[WrittenQuestion | None] = []
-        for item in items:
-            spec = item.slots.get("spec")
-            if not isinstance(spec, QuestionSpec):  # a real-data perturbation (MOMA-LRG, DiDeMo), or unknown
-                written.append(real_question(item, self.seed) if isinstance(item, Perturbation) else None)
-                continue
-            if isinstance(item, Fact):
-                answer = item.answer
-            else:
-                answer = REFUSAL_TEMPLATE.format(missing=item.missing_element)
-            written.append(WrittenQuestion(self.question(spec), answer))
-        return written
-
-
-def template_vocabulary() -> list[str]:
-    """Every word the template writer can emit in a synthetic question, answer or rejected response.
-
-    Lowercased, with "?", "." and "," as separate tokens, as `split_words` splits text.
-    """
-    texts = [REFUSAL_TEMPLATE.format(missing="")]
-    texts += [t.format(ref="", ref2="", relation="", shape="", predicate="")
-              for group in TEMPLATES.values() for t in group]
-    texts += [*SHAPES, *COLOURS, *SIZES, *MOTIONS, *COUNT_WORDS, *WHERE_ANSWERS.values(), *VERIFY_ANSWERS]
-    texts += [*RELATION_PHRASES.values(), "the object moving still", "moving standing still ,"]
-    return sorted({word for text in texts for word in split_words(text)})
-
-
-# ============================================================================ real-data writers (issue 6)
+# ============================================================================ real-data writers
 # Outcomes of writing an item, template phrasing of real-data perturbations (MOMA-LRG, DiDeMo), and a
 # chat writer for any OpenAI-compatible chat-completions endpoint (standard library only).
 
@@ -220,6 +113,20 @@ def real_question(item: Perturbation, seed: int = 0) -> WrittenQuestion | None:
     text = template.format(missing=item.missing_element, fact=fact, phrase=phrase,
                            clause=fact[:1].lower() + fact[1:])
     return WrittenQuestion(text[:1].upper() + text[1:], answer)
+
+
+class TemplateWriter:
+    """Phrases real-data perturbations (MOMA-LRG, DiDeMo) with `real_question`: offline, deterministic.
+
+    Anything else comes back as None. The synthetic world's `ShapesWriter` extends it to question specs.
+    """
+
+    def __init__(self, seed: int | str = 0):
+        self.seed = seed  # a string seed lets a caller vary phrasings per video: f"{seed}:{video}"
+
+    def write(self, items: Sequence[Perturbation]) -> list[WrittenQuestion | None]:
+        return [real_question(item, self.seed) if isinstance(item, Perturbation) else None for item in items]
+
 
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.scene_frames import LABELS
-from lightning_modules.video_llm import TinyArchitecture, tiny_vision_config
+from datamodules.shapes.frames import LABELS
+from lightning_modules.tiny import TinyArchitecture, tiny_vision_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -140,7 +140,7 @@ class VisionPretraining(L.LightningModule):
         """
         from safetensors.torch import save_file
 
-        from datamodules.scene_frames import LABEL_VALUES
+        from datamodules.shapes.frames import LABEL_VALUES
 
         classes = [name for head in LABELS for name in ["", *LABEL_VALUES[head]]] + ["", ""]  # + centre x, y
         weight, bias = self.concept_heads()

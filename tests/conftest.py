@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """12 rendered clips with train (68 records) / val (6) / test (6) files."""
-    from datamodules.synthetic import build_synthetic_dataset
+    from datamodules.shapes.dataset import build_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     build_synthetic_dataset(out, num_videos=12, seed=0, progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers.video_utils import VideoMetadata
 
-from datamodules.shapes import WorldConfig, sample_scene, write_clip
+from datamodules.shapes.world import WorldConfig, sample_scene, write_clip
 from datamodules.video import VideoError, read_clip, read_video, sample_indices
 
 BACKENDS = ["decord", "pyav"]

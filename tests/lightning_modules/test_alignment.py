@@ -24,15 +24,10 @@ from datamodules.answerability import (
     Example,
 )
 from datamodules.records import RecordError, read_records
+from datamodules.shapes.questions import template_vocabulary
 from datamodules.video import read_video
-from datamodules.writers import template_vocabulary
-from lightning_modules.video_llm import (
-    TINY_CHAT_TEMPLATE,
-    TinyArchitecture,
-    VideoLLMConfig,
-    build_tiny_processor,
-    load_video_llm,
-)
+from lightning_modules.tiny import TINY_CHAT_TEMPLATE, TinyArchitecture, build_tiny_processor
+from lightning_modules.video_llm import VideoLLMConfig, load_video_llm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -17,8 +17,8 @@ from tiny_families import EXTRA_WORDS, FAMILIES
 
 from datamodules.answerability import IGNORE_INDEX, REFUSAL_OPENING, ChatCollator, Example, ExampleDataset
 from datamodules.records import QARecord
-from datamodules.shapes import WorldConfig, sample_scene, write_clip
-from datamodules.writers import template_vocabulary
+from datamodules.shapes.questions import template_vocabulary
+from datamodules.shapes.world import WorldConfig, sample_scene, write_clip
 from lightning_modules.alignment import MODEL_INPUTS, AlignmentModule
 from lightning_modules.losses import sft_loss
 from lightning_modules.video_llm import LoraSettings, VideoLLMConfig, load_video_llm

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.video_llm import TinyArchitecture, VideoLLMConfig, load_video_llm
+from lightning_modules.tiny import TinyArchitecture
+from lightning_modules.video_llm import SDPA_PADDING_SAFE, VideoLLMConfig, load_video_llm
 
 
 @pytest.mark.parametrize("width, given, expected", [(64, None, 0.125), (64, 0.02, 0.02)])
@@ -22,11 +23,15 @@ def test_language_model_starts_at_its_width_scale(width, given, expected):
 def test_a_left_padded_batch_stays_finite_where_sdpa_gives_nan_to_rows_with_no_key(monkeypatch):
     """CUDA's SDPA kernels return NaN for a query row that may attend to no key (the CPU's returns 0), so a
     left-padding position went NaN and spread to its whole sequence (seen on an H200 in bf16). Emulated here:
-    the padded sequence must match the same sequence alone."""
+    the padded sequence must match the same sequence alone. transformers' own "sdpa" is left as it is for
+    every other model in the process: it still gives the NaN."""
     arch = TinyArchitecture(text_hidden=32, text_heads=2, text_layers=2, vision_layers=1, vision_hidden=32)
+    torch.manual_seed(0)
     model, _ = load_video_llm(VideoLLMConfig(tiny=arch))
     language_model = model.model.language_model.eval()
-    assert language_model.config._attn_implementation == "sdpa"
+    assert language_model.config._attn_implementation == SDPA_PADDING_SAFE
+    torch.manual_seed(0)
+    plain, _ = load_video_llm(VideoLLMConfig(tiny=arch, attn_implementation="sdpa"))
     real = torch.nn.functional.scaled_dot_product_attention
 
     def cuda_like(query, key, value, attn_mask=None, **kwargs):
@@ -41,8 +46,10 @@ def test_a_left_padded_batch_stays_finite_where_sdpa_gives_nan_to_rows_with_no_k
     with torch.no_grad():
         padded = language_model(input_ids=ids, attention_mask=mask).last_hidden_state
         alone = language_model(input_ids=ids[:1, 2:]).last_hidden_state
+        unsafe = plain.model.language_model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.isfinite(padded).all()
     torch.testing.assert_close(padded[0, 2:], alone[0], atol=1e-5, rtol=1e-4)
+    assert torch.isnan(unsafe[0]).all() and torch.isfinite(unsafe[1]).all()
 
 
 def test_the_tiny_model_takes_the_configured_attention_implementation():
@@ -50,7 +57,7 @@ def test_the_tiny_model_takes_the_configured_attention_implementation():
     kernel: eager attention gives the same logits as SDPA on the same weights and a left-padded batch."""
     arch = TinyArchitecture(text_hidden=32, text_heads=2, text_layers=2, vision_layers=1, vision_hidden=32)
     models = {}
-    for implementation in ("sdpa", "eager"):
+    for implementation in (SDPA_PADDING_SAFE, "eager"):
         torch.manual_seed(0)
         model, _ = load_video_llm(VideoLLMConfig(tiny=arch, attn_implementation=implementation))
         models[implementation], config = model, model.config
@@ -59,6 +66,7 @@ def test_the_tiny_model_takes_the_configured_attention_implementation():
     ids = torch.tensor([[0, 0, 7, 8, 9, 10], [7, 8, 9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
-        sdpa, eager = (models[k].eval()(input_ids=ids, attention_mask=mask).logits for k in ("sdpa", "eager"))
+        sdpa, eager = (models[k].eval()(input_ids=ids, attention_mask=mask).logits
+                       for k in (SDPA_PADDING_SAFE, "eager"))
     torch.testing.assert_close(eager[0, 2:], sdpa[0, 2:], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(eager[1], sdpa[1], atol=1e-5, rtol=1e-4)

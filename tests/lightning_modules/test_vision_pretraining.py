@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.scene_frames import LABELS
+from datamodules.shapes.frames import LABELS
 from lightning_modules.video_llm import TinyArchitecture, VideoLLMConfig, load_video_llm
 from lightning_modules.vision_pretraining import VisionPretraining
 
@@ -26,7 +26,7 @@ def pretrained_tower(tmp_path_factory, synthetic_data, run_main):
         "--model=lightning_modules.vision_pretraining.VisionPretraining",
         f"--model.init_args.output_dir={out / 'tower'}",
         *[f"--model.init_args.tiny.{key}={value}" for key, value in ARCH.items()],
-        "--data=datamodules.scene_frames.SceneFramesDataModule",
+        "--data=datamodules.shapes.frames.SceneFramesDataModule",
         f"--data.init_args.data_dir={synthetic_data}",
         "--data.init_args.frames_per_clip=2",
         "--data.init_args.batch_size=4",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning_modules.video_llm import TinyArchitecture, build_word_tokenizer
+from lightning_modules.tiny import TinyArchitecture, build_word_tokenizer
 
 # Words of the system prompts in the families' real templates, so they are not <unk> in the word tokenizer.
 EXTRA_WORDS = ["you", "are", "a", "helpful", "assistant", "system", "user"]
@@ -76,7 +76,7 @@ def _text(config_class, tokenizer, **extra):
 
 def llava_next_video(folder: Path, vocabulary: list[str]) -> Path:
     """The embedded default's builders, smaller: CLIP + Llama, 4 video tokens a frame (16 for 4 frames)."""
-    from lightning_modules.video_llm import build_tiny_model, build_tiny_processor
+    from lightning_modules.tiny import build_tiny_model, build_tiny_processor
 
     arch = TinyArchitecture(image_size=IMAGE, patch_size=PATCH // 2, vision_hidden=32, vision_layers=1,
                             vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, max_positions=512)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from datamodules.shapes import (
+from datamodules.shapes.world import (
     BACKGROUND,
     COLOURS,
     MOTIONS,

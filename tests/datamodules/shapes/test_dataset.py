@@ -7,18 +7,18 @@ from collections import Counter
 
 import pytest
 
-from datamodules.perturb import describe_scene
 from datamodules.records import CATEGORIES, read_records
-from datamodules.shapes import Scene
-from datamodules.synthetic import (
+from datamodules.shapes.dataset import (
     SPLITS,
     SyntheticDatasetError,
     build_synthetic_dataset,
     format_summary,
     split_videos,
 )
+from datamodules.shapes.questions import describe_scene, split_words, template_vocabulary
+from datamodules.shapes.world import Scene
 from datamodules.video import read_video
-from datamodules.writers import REFUSAL_TEMPLATE, split_words, template_vocabulary
+from datamodules.writers import REFUSAL_TEMPLATE
 
 SMALL = dict(frames=4, size=48, fps=4, progress=False)
 

@@ -19,10 +19,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from datamodules.perturb import Fact, Perturbation, describe_item, synthetic_items, verify_items
+from datamodules.perturb import Perturbation
 from datamodules.records import QARecord, atomic_write_text, summarize_records, write_jsonl, write_records
-from datamodules.shapes import Scene, WorldConfig, sample_scene, write_clip
-from datamodules.writers import TemplateWriter, unwarranted_refusal
+from datamodules.shapes.questions import (
+    Fact,
+    ShapesWriter,
+    describe_item,
+    synthetic_items,
+    unwarranted_refusal,
+    verify_items,
+)
+from datamodules.shapes.world import Scene, WorldConfig, sample_scene, write_clip
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "synth.json"
@@ -77,7 +84,7 @@ def scene_records(
     items: list[Fact | Perturbation] = synthetic_items(scene, rng)
     if describe:
         items += [describe_item(scene), *verify_items(scene, rng)]
-    written = TemplateWriter(f"{seed}:{index}").write(items)
+    written = ShapesWriter(f"{seed}:{index}").write(items)
     records = []
     for number, (item, text) in enumerate(zip(items, written, strict=True)):
         assert text is not None, "the template writer phrases every synthetic item"

@@ -7,14 +7,15 @@ from collections import Counter
 
 import pytest
 
-from datamodules.perturb import (
+from datamodules.perturb import Perturbation
+from datamodules.shapes.questions import (
     FORMS,
     REF_KINDS,
     VERIFY_ANSWERS,
     Fact,
-    Perturbation,
     QuestionSpec,
     Ref,
+    ShapesWriter,
     answer_choices,
     answerable_specs,
     describe_item,
@@ -25,18 +26,15 @@ from datamodules.perturb import (
     perturb_object,
     perturb_relation,
     resolve_ref,
+    split_words,
     synthetic_items,
+    template_vocabulary,
     true_answer,
+    unwarranted_refusal,
     verify_items,
 )
-from datamodules.shapes import Scene, SceneObject, WorldConfig, sample_scene
-from datamodules.writers import (
-    REFUSAL_TEMPLATE,
-    TemplateWriter,
-    split_words,
-    template_vocabulary,
-    unwarranted_refusal,
-)
+from datamodules.shapes.world import Scene, SceneObject, WorldConfig, sample_scene
+from datamodules.writers import REFUSAL_TEMPLATE
 
 WORLD = WorldConfig()
 
@@ -283,7 +281,7 @@ def test_answerable_specs_cover_the_forms():
 def test_template_writer_phrases_items():
     scene = known_scene()
     made = synthetic_items(scene, random.Random(1))
-    written = TemplateWriter(3).write(made)
+    written = ShapesWriter(3).write(made)
     assert len(written) == len(made)
     for item, text in zip(made, written, strict=True):
         assert text is not None
@@ -300,15 +298,15 @@ def test_template_writer_phrases_items():
 def test_template_writer_is_deterministic_and_seeded():
     specs = [item.slots["spec"] for _, item in all_items(30)]
     items = [Fact("f", "a", {"spec": spec}) for spec in specs]
-    first, again = TemplateWriter(0).write(items), TemplateWriter(0).write(items)
+    first, again = ShapesWriter(0).write(items), ShapesWriter(0).write(items)
     assert first == again
-    assert TemplateWriter(0).write(items[::-1]) == first[::-1]  # independent of the order of items
-    other = TemplateWriter(1).write(items)
+    assert ShapesWriter(0).write(items[::-1]) == first[::-1]  # independent of the order of items
+    other = ShapesWriter(1).write(items)
     assert other != first and sum(a == b for a, b in zip(first, other, strict=True)) > len(items) / 4
 
 
 def test_template_writer_examples():
-    writer = TemplateWriter(0)
+    writer = ShapesWriter(0)
     phrasings = {
         QuestionSpec("colour", Ref("circle", size="small")): {
             "What colour is the small circle?", "What is the colour of the small circle?"},
@@ -324,13 +322,13 @@ def test_template_writer_examples():
             "In which direction is the square above the star moving?"},
     }
     for spec, allowed in phrasings.items():
-        seen = {TemplateWriter(seed).question(spec) for seed in range(40)}
+        seen = {ShapesWriter(seed).question(spec) for seed in range(40)}
         assert seen == allowed
         assert writer.question(spec) in allowed
 
 
 def test_template_writer_returns_none_for_items_it_cannot_phrase():
-    assert TemplateWriter(0).write([Fact("the circle is red", "red")]) == [None]  # no spec
+    assert ShapesWriter(0).write([Fact("the circle is red", "red")]) == [None]  # no spec
 
 
 def test_unwarranted_refusal_names_the_reference():
@@ -356,7 +354,7 @@ def test_vocabulary_covers_every_generated_word(items):
     for index, scene in enumerate(dict.fromkeys(scene for scene, _ in items)):
         dense += [describe_item(scene), *verify_items(scene, random.Random(index))]
     for index, item in enumerate([*(item for _, item in items), *dense]):
-        (written,) = TemplateWriter(index).write([item])
+        (written,) = ShapesWriter(index).write([item])
         spec = item.slots["spec"]
         is_fact = isinstance(item, Fact)
         rejected = unwarranted_refusal(spec) if is_fact else item.slots["hallucination"]
@@ -380,7 +378,7 @@ def test_the_caption_names_every_object_left_to_right_with_all_its_attributes():
     item = describe_item(scene)
     assert item.answer == describe_scene(scene) and true_answer(scene, item.slots["spec"]) == item.answer
     assert item.fact == "the video shows large red square moving up, small blue star standing still"
-    (written,) = TemplateWriter(0).write([item])
+    (written,) = ShapesWriter(0).write([item])
     assert written.question in ("What objects are in the video?", "Describe the objects in the video.")
     assert written.answer == item.answer
     for scene in scenes(50):  # every object once, each with its four attributes
@@ -392,7 +390,7 @@ def test_the_caption_names_every_object_left_to_right_with_all_its_attributes():
 
 def test_a_qualifier_check_asks_one_attribute_of_a_present_object():
     scene = known_scene()  # small red circle (still), large blue square (down), small green star (left)
-    writer = TemplateWriter(0)
+    writer = ShapesWriter(0)
     cases = [
         (Ref("circle", colour="red"), "yes", "red", "the circle is red"),
         (Ref("square", size="small"), "no", "small", "the square is not small"),

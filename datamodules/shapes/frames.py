@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.records import RecordError
-from datamodules.shapes import COLOURS, MOTIONS, SHAPES, SIZES, Scene, shape_mask
+from datamodules.shapes.world import COLOURS, MOTIONS, SHAPES, SIZES, Scene, shape_mask
 from datamodules.video import read_video
 
 # Label heads: name -> number of classes (class 0 is "no object in this cell").

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from datamodules.scene_frames import LABEL_VALUES, LABELS, SceneFramesDataModule, cell_labels, patch_shapes
-from datamodules.shapes import BACKGROUND, Scene, SceneObject, WorldConfig
+from datamodules.shapes.frames import LABEL_VALUES, LABELS, SceneFramesDataModule, cell_labels, patch_shapes
+from datamodules.shapes.world import BACKGROUND, Scene, SceneObject, WorldConfig
 
 WORLD = WorldConfig()
 
