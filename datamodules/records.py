@@ -1,4 +1,4 @@
-"""The one record schema of the project (DESIGN.md section 3): `QARecord`, validated JSONL I/O.
+"""The one record schema of the project (docs/design.md section 3): `QARecord`, validated JSONL I/O.
 
 Every reader validates each line and names the file, line and field of the first problem; writers are
 atomic (temporary file in the same folder, then rename), so an interrupted run never leaves half a file.
@@ -29,7 +29,7 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class QARecord:
-    """One video QA item; see DESIGN.md section 3 for the meaning of each field."""
+    """One video QA item; see docs/design.md section 3 for the meaning of each field."""
 
     id: str
     video: str

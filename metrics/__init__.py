@@ -1,4 +1,4 @@
-"""Evaluation: refusal detection, judges, answerability torchmetrics and reports (DESIGN.md section 6).
+"""Evaluation: refusal detection, judges, answerability torchmetrics and reports (docs/design.md section 6).
 
 This package never imports `lightning_modules` or `datamodules`; the LightningModule calls into it.
 """

@@ -1,4 +1,4 @@
-r"""Answerability scores as torchmetrics (DESIGN.md section 6): one model, before/after alignment, AUROC.
+r"""Answerability scores as torchmetrics (docs/design.md section 6): one model, before/after alignment, AUROC.
 
 Judges turn text into booleans first; the metric states here are count tensors summed across DDP ranks
 (``dist_reduce_fx="sum"``), so the synced result is exact. Only the AUROC keeps per-item float scores.
@@ -173,7 +173,7 @@ def _answerability_compute(s: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class AnswerabilityMetrics(Metric):
-    r"""The single-model answerability scores of DESIGN.md section 6 (formulas in the module docstring).
+    r"""The single-model answerability scores of docs/design.md section 6 (formulas in the module docstring).
 
     ``update(refused, correct, answerable, category=None, reason_ok=None)`` takes one flag per item (bool
     tensors): ``refused`` and ``correct`` from the judge, ``answerable`` from the record, ``category`` a
@@ -368,7 +368,8 @@ def answerability_auroc(
 
 
 class AnswerabilityAUROC(Metric):
-    r"""Answerability AUROC of a refusal-likelihood score (DESIGN.md section 6), overall and per category.
+    r"""Answerability AUROC of a refusal-likelihood score (docs/design.md section 6), overall and per
+    category.
 
     ``update(refusal_score, answerable, category=None)``: a float score per item (higher = more likely
     to refuse, e.g. the mean log-probability of "The question is unanswerable"), the answerable flags and

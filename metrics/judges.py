@@ -1,4 +1,4 @@
-"""Judges: label one response to one test item as refused, correct and reason_ok (DESIGN.md section 6).
+"""Judges: label one response to one test item as refused, correct and reason_ok (docs/design.md section 6).
 
 One interface, `Judge.judge(...)` / `Judge.judge_many(...)`, with three ways to decide whether an answer
 to an answerable question is correct: exact normalised match, token overlap, or an LLM through any

@@ -1,6 +1,6 @@
 """Rule-based refusal detection: did a response decline to answer, and does it name the missing element.
 
-`is_refusal` is the default "refused?" judge of DESIGN.md section 6; `reason_ok` checks that a refusal
+`is_refusal` is the default "refused?" judge of docs/design.md section 6; `reason_ok` checks that a refusal
 names the object, relation or attribute that the question presupposed and the video lacks.
 """
 
@@ -12,7 +12,7 @@ import unicodedata
 __all__ = ["REFUSAL_OPENING", "content_tokens", "is_refusal", "reason_ok"]
 
 REFUSAL_OPENING = "The question is unanswerable"
-"""The fixed refusal opening whose mean log-probability is the refusal likelihood (DESIGN.md section 6)."""
+"""The fixed refusal opening whose mean log-probability is the refusal likelihood (docs/design.md 6)."""
 
 # How the detector works (each rule exists because of a known failure of keyword matching):
 #  1. Text is lower-cased, curly quotes are straightened, and every quoted span ("...", '...', “...”)

@@ -262,7 +262,7 @@ def _auroc(positive: list[float], negative: list[float]) -> float:
 
 
 def _single_scores(items: list[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> dict[str, float]:
-    """Scores of one model from (item fields, model fields) pairs, as DESIGN.md section 6 defines them."""
+    """Scores of one model from (item fields, model fields) pairs (docs/design.md section 6)."""
     a = [m for item, m in items if item["answerable"]]
     u = [(item, m) for item, m in items if not item["answerable"]]
     a_correct = sum(bool(m["correct"]) for m in a)

@@ -37,7 +37,7 @@ SINGLE_KEYS = {
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Plain-Python references, written from the definitions in DESIGN.md section 6
+# Plain-Python references, written from the definitions in docs/design.md section 6
 
 
 def _div(a: float, b: float) -> float:

@@ -1,4 +1,4 @@
-"""Package boundaries (DESIGN.md section 2): `metrics` imports neither `lightning_modules` nor
+"""Package boundaries (docs/design.md section 2): `metrics` imports neither `lightning_modules` nor
 `datamodules`, so the evaluation code stands on its own."""
 
 from __future__ import annotations
