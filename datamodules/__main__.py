@@ -77,7 +77,7 @@ def add_import_uvqa_parser(subparsers: argparse._SubParsersAction) -> argparse.A
     parser = subparsers.add_parser(
         "import-uvqa",
         help="convert a released UVQA JSON file into unanswerable records",
-        description="Convert a UVQA file (eval or training; see shared/uvqa/README.md) into JSONL records. "
+        description="Convert a UVQA file (eval or training; docs/design.md section 3) into JSONL records. "
         "Exact duplicates are dropped and counted.",
     )
     parser.add_argument("--input", required=True, type=Path, metavar="FILE", help="e.g. eval_object.json")

@@ -1,6 +1,6 @@
 """The released UVQA files (EsYoon7/UVQA, `dataset/uvqa/<category>/`) as unanswerable `QARecord`s.
 
-The eval and training files share one schema (see shared/uvqa/README.md); exact duplicates are dropped
+The eval and training files share one schema (docs/design.md section 3); exact duplicates are dropped
 and counted, and a malformed item is an error naming the file, the item and the field.
 """
 
