@@ -6,21 +6,17 @@ requests concurrently. An item a writer cannot phrase sensibly comes back as Non
 
 from __future__ import annotations
 
-import hashlib
-import http.client
-import json
 import os
 import random
 import re
 import threading
-import urllib.error
-import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
+from datamodules.chat import ChatClient, ChatError, ChatRequestError, ReplyCache
 from datamodules.perturb import Perturbation
 
 REFUSAL_TEMPLATE = "The question is unanswerable because there is no {missing} in the video."
@@ -38,7 +34,7 @@ class QuestionWriter(Protocol):
 
 # ============================================================================ real-data writers
 # Outcomes of writing an item, template phrasing of real-data perturbations (MOMA-LRG, DiDeMo), and a
-# chat writer for any OpenAI-compatible chat-completions endpoint (standard library only).
+# chat writer for any OpenAI-compatible chat-completions endpoint (datamodules.chat).
 
 WRITTEN, NOT_APPLICABLE, UNPARSABLE, FAILED = "written", "not_applicable", "unparsable", "failed"
 
@@ -220,58 +216,9 @@ def chat_prompt(item: Perturbation) -> str:
     )
 
 
-class ChatWriterError(RuntimeError):
-    """A configuration problem of the chat writer (for example an API key variable that is not set)."""
-
-
-class _RetryableError(Exception):
-    pass
-
-
-class ReplyCache:
-    """Replies keyed by a hash of the request, one JSON line each, appended and flushed as they arrive.
-
-    A line cut short by an interrupted run is removed when the cache is opened again.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._replies: dict[str, str] = {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            _truncate_torn_line(self.path)
-            with self.path.open(encoding="utf-8") as handle:
-                for text in handle:
-                    try:
-                        entry = json.loads(text)
-                        self._replies[entry["key"]] = entry["reply"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue
-
-    def get(self, key: str) -> str | None:
-        with self._lock:
-            return self._replies.get(key)
-
-    def put(self, key: str, reply: str) -> None:
-        with self._lock:
-            if key in self._replies:
-                return
-            self._replies[key] = reply
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
-                handle.flush()
-
-    def __len__(self) -> int:
-        return len(self._replies)
-
-
-def _truncate_torn_line(path: Path) -> None:
-    """Cut a file back to its last complete line (an interrupted append leaves a partial one)."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
+class ChatWriterError(ChatError):
+    """The chat writer cannot go on: an API key variable that is not set, an endpoint that refuses (HTTP
+    401/403/404) or that does not answer attempt after attempt. One line, never holding the key."""
 
 
 @dataclass
@@ -286,14 +233,20 @@ class ChatStats:
 
 
 class ChatWriter:
-    """Question writer backed by an OpenAI-compatible chat-completions endpoint.
+    """Question writer backed by an OpenAI-compatible chat-completions endpoint, through the shared
+    `datamodules.chat.ChatClient` (the openai package).
 
-    Requests run concurrently (at most `concurrency` at a time) and are retried with exponential backoff
-    on timeouts, connection errors, HTTP 408/409/429 and 5xx; any other HTTP error fails the item at
-    once. Each item's outcome is `written`, `not_applicable`, `unparsable` or `failed`, counted in
-    `stats`. The API key is read from the environment variable named `api_key_env` and sent only in the
-    Authorization header: it is never logged, cached or written. Replies are cached by a hash of the
-    request (model, messages, sampling settings) when `cache_path` is given.
+    Requests run concurrently (at most `concurrency` at a time). A failed attempt (timeout, no connection,
+    HTTP 408/409/429/5xx) is retried by the openai client, up to `max_retries` times, waiting the server's
+    Retry-After when it sends one; any other HTTP error fails the item at once. Each item's outcome is
+    `written`, `not_applicable`, `unparsable` or `failed`, counted in `stats`.
+
+    The run stops with `ChatWriterError` (from `write_iter`, so from `generate`) when the endpoint answers
+    HTTP 401, 403 or 404, or leaves `max_connection_failures` attempts in a row without an answer. The API
+    key is read from the environment variable named `api_key_env` (named but unset: `ChatWriterError`) and
+    sent only in the Authorization header; it is redacted from replies and errors, so it is never cached,
+    logged or written. Replies are cached by a hash of the request (model, messages, sampling settings)
+    when `cache_path` is given.
     """
 
     def __init__(
@@ -305,47 +258,46 @@ class ChatWriter:
         concurrency: int = 8,
         timeout: float = 60.0,
         max_retries: int = 4,
-        backoff: float = 1.0,
-        max_backoff: float = 30.0,
+        max_connection_failures: int = 3,
         temperature: float = 1.0,
         max_tokens: int | None = None,
         system_prompt: str = "You are a helpful and harmless assistant.",
         cache_path: str | os.PathLike | None = None,
     ):
-        if concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ChatWriterError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
-        self.concurrency, self.timeout = concurrency, timeout
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        if concurrency < 1:
+            raise ChatWriterError("chat writer: concurrency must be >= 1")
+        self.client = ChatClient(
+            base_url, model, api_key_env, timeout=timeout, max_retries=max_retries,
+            max_connection_failures=max_connection_failures, temperature=temperature, max_tokens=max_tokens,
+            cache=ReplyCache(cache_path) if cache_path is not None else None,
+            error_class=ChatWriterError, name="chat writer",
+        )
+        self.url, self.model = self.client.url, model
+        self.concurrency = concurrency
         self.system_prompt = system_prompt
-        self._api_key: str | None = None
-        if api_key_env:
-            self._api_key = os.environ.get(api_key_env) or None
-            if self._api_key is None:
-                raise ChatWriterError(f"the environment variable {api_key_env} (the API key) is not set")
-        self.cache = ReplyCache(cache_path) if cache_path is not None else None
-        self.stats = ChatStats()
+        self.cache = self.client.cache
+        self._outcomes: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._jitter = random.Random()
 
     def __repr__(self) -> str:  # no key in reprs, tracebacks or logs
         return f"ChatWriter(url={self.url!r}, model={self.model!r}, concurrency={self.concurrency})"
 
     # ------------------------------------------------------------------------------------------ API
+    @property
+    def stats(self) -> ChatStats:
+        """Requests, retries and cache hits (the client's) and the outcomes so far."""
+        with self._stats_lock:
+            outcomes = dict(self._outcomes)
+        sent = self.client.stats
+        return ChatStats(requests=sent["requests"], cache_hits=sent["cache_hits"], retries=sent["retries"],
+                         **outcomes)
+
+    def messages(self, item: Perturbation) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system_prompt},
+                {"role": "user", "content": chat_prompt(item)}]
+
     def request_body(self, item: Perturbation) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [
-                {"role": "system", "content": self.system_prompt},
-                {"role": "user", "content": chat_prompt(item)},
-            ],
-            "temperature": self.temperature,
-        }
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        return body
+        return self.client.body(self.messages(item))
 
     def write(self, items: Sequence[Perturbation]) -> list[WrittenQuestion | None]:
         return [outcome.written for outcome in self.write_outcomes(items)]
@@ -359,9 +311,11 @@ class ChatWriter:
     def write_iter(self, items: Sequence[Perturbation]) -> Iterator[tuple[int, WriteOutcome]]:
         """(index, outcome) per item in completion order, with at most `concurrency` requests in flight.
 
-        Stopping the iteration early (an exception, Ctrl-C, `close()`) cancels the items not yet sent.
+        Stopping the iteration early (an exception, Ctrl-C, `close()`) cancels the items not yet sent, and
+        requests waiting for a retry give up at their next attempt. A `ChatWriterError` (the endpoint
+        refuses or does not answer) is raised from here as soon as one request meets it.
         """
-        self._stop.clear()
+        self.client.resume()
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="chat-writer")
         pending: dict[Future, int] = {}
         queue = iter(enumerate(items))
@@ -378,96 +332,25 @@ class ChatWriter:
                 for future in done:
                     yield pending.pop(future), future.result()
         finally:
-            self._stop.set()
+            self.client.stop()
             for future in pending:
                 future.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        self._stop.set()
+        self.client.stop()
 
     # ------------------------------------------------------------------------------------- internals
     def _write_one(self, item: Perturbation) -> WriteOutcome:
-        body = self.request_body(item)
-        key = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-        reply = self.cache.get(key) if self.cache is not None else None
-        if reply is not None:
-            self._count("cache_hits")
-        else:
-            try:
-                reply = self._post(body)
-            except Exception as error:  # noqa: BLE001 - every failure becomes a counted outcome
-                self._count("failed")
-                return WriteOutcome(FAILED, error=self._redact(str(error)))
-            if self.cache is not None:
-                self.cache.put(key, reply)
+        try:
+            reply = self.client.complete(self.messages(item))  # the key is redacted from it
+        except ChatRequestError as error:  # a ChatWriterError is not an item's: it ends the run
+            self._count(FAILED)
+            return WriteOutcome(FAILED, error=str(error))
         outcome = parse_reply(reply)
         self._count(outcome.status)
         return outcome
 
-    def _post(self, body: dict[str, Any]) -> str:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key is not None:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        attempt = 0
-        while True:
-            if self._stop.is_set():
-                raise RuntimeError("stopped")
-            self._count("requests")
-            try:
-                request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-                return _reply_text(payload)
-            except urllib.error.HTTPError as error:
-                retry_after = _retry_after(error)
-                retryable = error.code in (408, 409, 429) or error.code >= 500
-                message = f"HTTP {error.code} from {self.url}: {_error_body(error)}"
-                if not retryable:
-                    raise RuntimeError(message) from None
-            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError,
-                    _RetryableError) as error:
-                retry_after = None
-                message = f"{type(error).__name__} from {self.url}: {error}"
-            if attempt >= self.max_retries:
-                raise RuntimeError(f"{message} (gave up after {attempt + 1} attempts)")
-            delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + self._jitter.random() / 2)
-            if retry_after is not None:
-                delay = min(self.max_backoff, max(delay, retry_after))
-            attempt += 1
-            self._count("retries")
-            if self._stop.wait(delay):
-                raise RuntimeError("stopped")
-
-    def _count(self, name: str) -> None:
+    def _count(self, status: str) -> None:
         with self._stats_lock:
-            setattr(self.stats, name, getattr(self.stats, name) + 1)
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-
-def _reply_text(payload: bytes) -> str:
-    """The message content of a chat-completions response; a malformed body is worth a retry."""
-    try:
-        content = json.loads(payload)["choices"][0]["message"]["content"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
-        raise _RetryableError(f"malformed response body: {payload[:200]!r}") from None
-    if not isinstance(content, str):
-        raise _RetryableError("response message has no text content")
-    return content
-
-
-def _retry_after(error: urllib.error.HTTPError) -> float | None:
-    try:
-        return float(error.headers.get("Retry-After", ""))
-    except (TypeError, ValueError):
-        return None
-
-
-def _error_body(error: urllib.error.HTTPError) -> str:
-    try:
-        return " ".join(error.read(300).decode("utf-8", "replace").split()) or error.reason
-    except Exception:  # noqa: BLE001 - the body is only decoration of the message
-        return str(error.reason)
+            self._outcomes[status] += 1

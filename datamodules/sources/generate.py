@@ -1,7 +1,9 @@
 """Generate unanswerable QA records from real annotations (MOMA-LRG, DiDeMo) with a question writer.
 
 `generate` appends each finished item to `OUT.partial` as it goes and skips finished items on restart, so
-an interrupted run resumes to the output of an uninterrupted one; the output is written atomically at the end.
+an interrupted run resumes to the output of an uninterrupted one; the output is written atomically at the end,
+and not at all when no record was generated. A chat endpoint that refuses (HTTP 401/403/404) or does not
+answer stops the run at once with one line (`ChatWriterError`, exit status 2).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def generate(
     batch_size: int = 64,
     progress: bool = True,
 ) -> GenerationSummary:
-    """Write the first `num` records that `writer` phrases from `candidates` (in their order) to `out`.
+    """Write the first `num` records that `writer` phrases from `candidates` (in their order) to `out`
+    (nothing at all when there are none).
 
     Finished items go to `out.partial` as they finish; a rerun with the same fingerprint skips them, so
     an interrupted run resumes to the same output. Items that failed (after the writer's retries) are
@@ -193,7 +196,8 @@ def generate(
         entry = log.entries.get(item_id)
         if entry is not None and entry["status"] == WRITTEN and len(records) < num:
             records.append(record_from_dict(entry["record"], partial_path))
-    write_records(out, records)
+    if records:  # an empty output would pass for a dataset
+        write_records(out, records)
     summary.written = len(records)
     if not failed_now:
         partial_path.unlink(missing_ok=True)
@@ -267,9 +271,15 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                       help="name of the environment variable that holds the API key (never logged)")
     chat.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     chat.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    chat.add_argument("--max-retries", type=int, default=4, help="retries per request (default 4)")
-    chat.add_argument("--backoff", type=float, default=1.0,
-                      help="first retry delay in seconds, doubled at each retry (default 1)")
+    chat.add_argument("--max-retries", type=int, default=4,
+                      help="retries per request (default 4); a retry waits the server's Retry-After, else "
+                      "0.5 s doubling up to 8 s (the openai client's rule)")
+    chat.add_argument("--max-connection-failures", type=int, default=3, metavar="N",
+                      help="stop after N attempts in a row without an answer (refused, timed out; default "
+                      "3; 0: never)")
+    chat.add_argument("--backoff", type=float, default=None,
+                      help="ignored, kept so that old command lines still run: retries wait as --max-retries "
+                      "says")
     chat.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     chat.add_argument("--max-tokens", type=int, help="reply length limit (default: the server's)")
     chat.add_argument("--cache", type=Path, help="reply cache file (default: OUT.jsonl.chat-cache.jsonl)")
@@ -305,12 +315,14 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"{args.out}: {args.source} {args.category} questions ({args.writer} writer)")
     for line in summary.lines(args.num):
         print(f"  {line}")
+    if not summary.written:
+        print(f"  no record was generated, so {args.out} was not written")
     if summary.failed:
         for failure in summary.failures:
             print(f"  failure: {failure}")
         print(f"  rerun the same command to retry them ({args.out}{PARTIAL_SUFFIX} keeps the rest)")
         return 1
-    return 0
+    return 0 if summary.written else 1
 
 
 def run_import_videochatgpt(args: argparse.Namespace) -> int:
@@ -382,11 +394,17 @@ def _make_writer(args: argparse.Namespace) -> tuple[QuestionWriter, dict[str, An
         raise _user_error(f"--writer chat needs {' and '.join(missing)}")
     if args.concurrency < 1:
         raise _user_error("--concurrency must be at least 1")
+    if args.max_connection_failures < 0:
+        raise _user_error("--max-connection-failures must be at least 0")
+    if args.backoff is not None:
+        print("note: --backoff is ignored; retries wait the server's Retry-After, else 0.5 s doubling "
+              "up to 8 s", file=sys.stderr)
     cache = None if args.no_cache else (args.cache or args.out.with_name(args.out.name + ".chat-cache.jsonl"))
     writer = ChatWriter(
         args.base_url, args.model, args.api_key_env,
         concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
-        backoff=args.backoff, temperature=args.temperature, max_tokens=args.max_tokens, cache_path=cache,
+        max_connection_failures=args.max_connection_failures, temperature=args.temperature,
+        max_tokens=args.max_tokens, cache_path=cache,
     )
     return writer, {"writer": "chat", "model": args.model, "temperature": args.temperature}
 

@@ -1,13 +1,15 @@
 """The chat writer against a real OpenAI-compatible HTTP server on loopback, and resumable generation.
 
 The server (http.server in a thread, port 0) answers each request through a per-test `responder`, so a
-test scripts well-formed replies, "Not applicable", garbage, HTTP errors, slow replies and a dying server.
+test scripts well-formed replies, "Not applicable", garbage, HTTP errors (401, 404, 429 with Retry-After,
+5xx), slow replies, a dying server and a reply that echoes the API key it was sent.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.__main__ import main
+from datamodules.chat import NO_KEY
 from datamodules.perturb import Perturbation
 from datamodules.records import read_records
 from datamodules.sources.generate import _PartialLog
@@ -28,6 +31,7 @@ from datamodules.writers import (
     WRITTEN,
     ChatWriter,
     ChatWriterError,
+    WrittenQuestion,
     chat_prompt,
     parse_reply,
 )
@@ -35,8 +39,10 @@ from datamodules.writers import (
 FIXTURES = Path(__file__).parent / "fixtures"
 SECRET = "sk-test-0123456789-do-not-leak"
 
-# A responder maps (false fact, attempt number for that fact) to (HTTP status, reply text, delay in s).
-Responder = Callable[[str, int], tuple[int, str, float]]
+# A responder maps (false fact, attempt number for that fact) to (HTTP status, reply text, delay in s), or
+# to (HTTP status, reply text, delay in s, extra headers). "{key}" in the text becomes the bearer token the
+# request carried (a server that echoes the API key).
+Responder = Callable[[str, int], tuple]
 
 
 def tagged(question: str, answer: str, spacing: str = "\n") -> str:
@@ -86,7 +92,10 @@ class ChatServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    status, text, delay = server.responder(fact, attempt)
+                    status, text, delay, *extra = server.responder(fact, attempt)
+                    headers = extra[0] if extra else {}
+                    bearer = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    text = text.replace("{key}", bearer)
                     time.sleep(delay)
                     if status == 200:
                         payload = {"id": "x", "object": "chat.completion", "model": body["model"],
@@ -96,6 +105,8 @@ class ChatServer:
                         payload = {"error": {"message": text}}
                     data = json.dumps(payload).encode()
                     self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -196,7 +207,7 @@ def test_outcomes_of_each_kind_of_reply(serve, tmp_path: Path) -> None:
         return 200, good_reply(fact), 0
 
     server = serve(responder)
-    writer = ChatWriter(server.base_url, "m", concurrency=4, timeout=0.5, max_retries=2, backoff=0.01)
+    writer = ChatWriter(server.base_url, "m", concurrency=4, timeout=0.5, max_retries=2)
     facts = ["ok", "na", "garbage", "flaky", "slow once", "always slow"]
     outcomes = writer.write_outcomes([item(f) for f in facts])
     status = {f: o.status for f, o in zip(facts, outcomes, strict=True)}
@@ -214,19 +225,43 @@ def test_outcomes_of_each_kind_of_reply(serve, tmp_path: Path) -> None:
 
 def test_client_errors_are_not_retried(serve) -> None:
     server = serve(lambda fact, attempt: (400, "bad request: unknown model", 0))
-    writer = ChatWriter(server.base_url, "nope", max_retries=3, backoff=0.01)
+    writer = ChatWriter(server.base_url, "nope", max_retries=3)
     (outcome,) = writer.write_outcomes([item("x")])
     assert outcome.status == FAILED and "HTTP 400" in outcome.error and "unknown model" in outcome.error
     assert server.requests == 1
 
 
-def test_connection_refused_is_retried_then_failed(serve) -> None:
-    server = serve(lambda fact, attempt: (200, good_reply(fact), 0))
-    url = server.base_url
-    server.close()
-    writer = ChatWriter(url, "m", max_retries=2, backoff=0.01, timeout=1)
+def closed_port_url() -> str:
+    """The base URL of a loopback port that nothing listens on (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_closed_port_stops_the_writer_after_n_attempts_in_a_row() -> None:
+    writer = ChatWriter(closed_port_url(), "m", concurrency=1, max_retries=5, timeout=1,
+                        max_connection_failures=2)
+    start = time.monotonic()
+    with pytest.raises(ChatWriterError, match=r"no answer from http://127\.0\.0\.1:\d+/v1/chat/completions "
+                       r"after 2 attempts in a row \(ConnectError"):
+        writer.write_outcomes([item(f"fact {i}") for i in range(6)])
+    assert writer.stats.requests == 2  # not 6 items x 6 attempts
+    assert time.monotonic() - start < 3
+
+
+def test_http_429_waits_the_retry_after_of_the_server(serve) -> None:
+    def responder(fact: str, attempt: int) -> tuple:
+        if attempt == 1:
+            return 429, "rate limited", 0, {"Retry-After": "1"}
+        return 200, good_reply(fact), 0
+
+    server = serve(responder)
+    writer = ChatWriter(server.base_url, "m", max_retries=1)
+    start = time.monotonic()
     (outcome,) = writer.write_outcomes([item("x")])
-    assert outcome.status == FAILED and writer.stats.requests == 3
+    assert outcome.status == WRITTEN and server.attempts["x"] == 2 and writer.stats.retries == 1
+    assert time.monotonic() - start >= 0.95  # the server's 1 s, not the client's own backoff (<= 0.5 s)
 
 
 def test_concurrency_limit_is_respected(serve) -> None:
@@ -241,7 +276,7 @@ def test_concurrency_limit_is_respected(serve) -> None:
 
 def test_api_key_comes_from_the_named_variable_and_is_never_written(serve, tmp_path, monkeypatch) -> None:
     def responder(fact: str, attempt: int) -> tuple[int, str, float]:
-        return (500, f"echo {SECRET}", 0) if fact == "bad" else (200, good_reply(fact), 0)
+        return (500, "echo {key}", 0) if fact == "bad" else (200, good_reply(fact), 0)
 
     server = serve(responder)
     monkeypatch.setenv("UVQA_TEST_KEY", SECRET)
@@ -250,10 +285,28 @@ def test_api_key_comes_from_the_named_variable_and_is_never_written(serve, tmp_p
     outcomes = writer.write_outcomes([item("ok"), item("bad")])
     assert server.authorizations == [f"Bearer {SECRET}"] * 2
     assert SECRET not in repr(writer) and SECRET not in cache.read_text()
-    assert SECRET not in outcomes[1].error and "***" in outcomes[1].error
+    assert SECRET not in outcomes[1].error and "echo ***" in outcomes[1].error
     monkeypatch.delenv("UVQA_TEST_KEY")
     with pytest.raises(ChatWriterError, match="UVQA_TEST_KEY"):
         ChatWriter(server.base_url, "m", "UVQA_TEST_KEY")
+
+
+def test_a_key_echoed_in_a_reply_is_neither_cached_nor_returned(serve, tmp_path, monkeypatch) -> None:
+    server = serve(lambda fact, attempt: (200, tagged("Is {key} your key?", "Yes, {key}."), 0))
+    monkeypatch.setenv("UVQA_TEST_KEY", SECRET)
+    cache = tmp_path / "cache.jsonl"
+    writer = ChatWriter(server.base_url, "m", "UVQA_TEST_KEY", cache_path=cache)
+    (outcome,) = writer.write_outcomes([item("x")])
+    assert outcome.written == WrittenQuestion("Is *** your key?", "Yes, ***.")
+    assert SECRET not in outcome.reply and "***" in outcome.reply
+    assert SECRET not in cache.read_text() and "***" in cache.read_text()
+
+
+def test_without_a_key_variable_a_placeholder_is_sent_not_openai_api_key(serve, monkeypatch) -> None:
+    server = serve(lambda fact, attempt: (200, good_reply(fact), 0))
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # the openai client's own fallback must not be used
+    ChatWriter(server.base_url, "m").write_outcomes([item("x")])
+    assert server.authorizations == [f"Bearer {NO_KEY}"]
 
 
 def test_replies_are_cached_by_prompt(serve, tmp_path: Path) -> None:
@@ -275,7 +328,7 @@ def test_replies_are_cached_by_prompt(serve, tmp_path: Path) -> None:
 def moma_args(out: Path, server: ChatServer, *extra: str) -> list[str]:
     return ["generate", "--source", "moma", "--annotations", str(FIXTURES / "moma" / "anns.json"),
             "--category", "relation", "--writer", "chat", "--base-url", server.base_url, "--model", "m",
-            "--concurrency", "4", "--max-retries", "1", "--backoff", "0.01", "--timeout", "2",
+            "--concurrency", "4", "--max-retries", "1", "--timeout", "2",
             "--num", "12", "--seed", "3",
             "--out", str(out), *extra]
 
@@ -384,6 +437,76 @@ def test_missing_api_key_variable_exits_2(serve, tmp_path: Path, capsys, monkeyp
     server = serve(scripted)
     assert main(moma_args(tmp_path / "o.jsonl", server, "--api-key-env", "NO_SUCH_KEY_VAR")) == 2
     assert "NO_SUCH_KEY_VAR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("status", "message"), [(401, "Incorrect API key provided: {key}"),
+                                               (403, "this key may not use model m"),
+                                               (404, "The model `m` does not exist")])
+def test_generate_stops_at_once_on_401_403_404(serve, tmp_path, capsys, monkeypatch, status, message) -> None:
+    server = serve(lambda fact, attempt: (status, message, 0))
+    monkeypatch.setenv("UVQA_TEST_KEY", SECRET)
+    out = tmp_path / "o.jsonl"
+    start = time.monotonic()
+    assert main(moma_args(out, server, "--api-key-env", "UVQA_TEST_KEY", "--max-retries", "4")) == 2
+    assert time.monotonic() - start < 2
+    assert server.requests <= 4  # at most the requests already in flight (--concurrency 4), none retried
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: chat writer: ") and f"{server.base_url}/chat/completions" in lines[0]
+    assert f"HTTP {status}" in lines[0] and "Traceback" not in captured.err
+    assert SECRET not in captured.err + captured.out
+    assert not out.exists()
+
+
+def test_generate_stops_after_n_connection_failures_and_writes_nothing(tmp_path, capsys) -> None:
+    out = tmp_path / "o.jsonl"
+    args = ["generate", "--source", "moma", "--annotations", str(FIXTURES / "moma" / "anns.json"),
+            "--category", "relation", "--writer", "chat", "--base-url", closed_port_url(), "--model", "m",
+            "--max-retries", "4", "--max-connection-failures", "3", "--num", "12", "--out", str(out)]
+    start = time.monotonic()
+    assert main(args) == 2
+    assert time.monotonic() - start < 5  # without the stop: 12 items x 5 attempts with backoff
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert re.search(r"^error: chat writer: no answer from http://127\.0\.0\.1:\d+/v1/chat/completions "
+                     r"after 3 attempts in a row", lines[0])
+    assert not out.exists()
+
+
+def test_generate_writes_no_output_when_nothing_was_generated(serve, tmp_path, capsys) -> None:
+    server = serve(lambda fact, attempt: (200, "Not applicable", 0))
+    out = tmp_path / "o.jsonl"
+    assert main(moma_args(out, server)) == 1
+    printed = capsys.readouterr().out
+    assert "written: 0 of 12 asked" in printed and "was not written" in printed
+    assert not out.exists()
+    assert main(["stats", str(out)]) == 2  # nothing for `stats` to take for an empty dataset
+
+
+def test_generate_keeps_an_echoed_key_out_of_records_and_cache(serve, tmp_path, monkeypatch) -> None:
+    def echo(fact: str, attempt: int) -> tuple[int, str, float]:
+        return 200, tagged(f"When does the video show {fact}?", "It does not; my key is {key}."), 0
+
+    server = serve(echo)
+    monkeypatch.setenv("UVQA_TEST_KEY", SECRET)
+    out = tmp_path / "o.jsonl"
+    assert main(moma_args(out, server, "--api-key-env", "UVQA_TEST_KEY")) == 0
+    assert server.authorizations[0] == f"Bearer {SECRET}"
+    records, _ = read_records(out)
+    assert records and all("my key is ***" in r.meta["writer_reply"] for r in records)
+    assert all(r.answer == "It does not; my key is ***." for r in records)
+    cache = out.with_name(out.name + ".chat-cache.jsonl")
+    assert "my key is ***" in cache.read_text()
+    for path in tmp_path.iterdir():
+        assert SECRET not in path.read_text(), path
+
+
+def test_old_backoff_flag_is_accepted_and_noted(serve, tmp_path, capsys) -> None:
+    server = serve(lambda fact, attempt: (200, good_reply(fact), 0))
+    assert main(moma_args(tmp_path / "o.jsonl", server, "--backoff", "0.01")) == 0
+    assert "--backoff is ignored" in capsys.readouterr().err
 
 
 def test_chat_writer_needs_a_url_and_a_model(tmp_path: Path, capsys) -> None:
