@@ -2,29 +2,24 @@
 
 One interface, `Judge.judge(...)` / `Judge.judge_many(...)`, with three ways to decide whether an answer
 to an answerable question is correct: exact normalised match, token overlap, or an LLM through any
-OpenAI-compatible chat-completions endpoint. Refusal is always the rule-based `is_refusal`.
+OpenAI-compatible chat-completions endpoint (`datamodules.chat`). Refusal is always the rule-based
+`is_refusal`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import random
 import re
 import threading
-import time
 import unicodedata
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
+from datamodules.chat import ChatClient, ChatError, ChatRequestError, ReplyCache, request_key
 from metrics.refusal import NUMBER_WORDS, is_refusal, reason_ok
 
 __all__ = [
@@ -216,8 +211,9 @@ CHAT_JUDGE_TEMPLATE = (
 )
 
 
-class ChatJudgeError(RuntimeError):
-    """The chat endpoint did not give a usable reply after all retries."""
+class ChatJudgeError(ChatError):
+    """The chat judge got no verdict: for one item after the retries (with ``on_error="raise"``), or for any
+    item because the endpoint refuses (HTTP 401/403/404) or does not answer (raised whatever `on_error`)."""
 
 
 _VERDICT = re.compile(r"^\W*(yes|no|correct|incorrect|true|false)\b", re.IGNORECASE)
@@ -232,24 +228,29 @@ def parse_verdict(reply: str) -> bool | None:
 
 class ChatJudge(Judge):
     """Correctness judged by an LLM through any OpenAI-compatible chat-completions endpoint (OpenAI,
-    vLLM, a local server); only the standard library is used for HTTP.
+    vLLM, a local server), through the shared `datamodules.chat.ChatClient` (the openai package).
 
     Args:
         base_url: the API root, e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``;
             requests go to ``{base_url}/chat/completions``.
         model: the model name sent in each request.
-        api_key_env: the NAME of the environment variable that holds the API key (read when a request is
-            sent; never stored in the judge, logged or written to the cache). None or an unset variable
-            sends no Authorization header (fine for a local server).
+        api_key_env: the NAME of the environment variable that holds the API key, e.g. "OPENAI_API_KEY"
+            (read once, here; never stored in the judge's repr, logged or written to the cache). A named
+            variable that is unset raises `ChatJudgeError`; None (the default) sends no key (a local server).
         max_workers: the most requests in flight at once.
-        max_retries: retries after a failed attempt (timeout, connection error, HTTP 408/409/429/5xx, or a
-            reply without a yes/no verdict), with exponential backoff ``backoff * 2**attempt`` plus jitter.
+        max_retries: retries of a failed attempt (timeout, connection error, HTTP 408/409/429/5xx; by the
+            openai client, which waits the server's Retry-After when it sends one), and, separately, new
+            requests after a reply without a yes/no verdict.
+        max_connection_failures: attempts in a row without an answer after which the endpoint counts as
+            unreachable and judging stops with `ChatJudgeError` (0: never).
         timeout: seconds per request.
-        cache_path: optional JSONL file of ``{"key", "verdict"}`` lines; verdicts are keyed by a hash of
-            the model and the full prompt, so a rerun sends no request twice. Lines are appended as they
-            come, so an interrupted run keeps what it had.
+        cache_path: optional JSONL reply cache (`datamodules.chat.ReplyCache`): replies with a verdict are
+            keyed by a hash of the model, the prompt and the sampling settings, so a rerun sends no request
+            twice. Lines are appended as they come, so an interrupted run keeps what it had. Without it,
+            replies are cached in memory for the judge's lifetime.
         on_error: "raise" (default) raises `ChatJudgeError` when an item gets no verdict after the retries;
-            "incorrect" counts such an item as incorrect and logs a warning (see `stats`).
+            "incorrect" counts such an item as incorrect and logs a warning (see `stats`). HTTP 401/403/404
+            and an unreachable endpoint raise whatever `on_error` says: no item can get a verdict.
 
     `stats` counts requests, cache hits, retries and failures.
     """
@@ -258,59 +259,45 @@ class ChatJudge(Judge):
         self,
         base_url: str,
         model: str,
-        api_key_env: str | None = "OPENAI_API_KEY",
+        api_key_env: str | None = None,
         max_workers: int = 8,
         max_retries: int = 3,
-        backoff: float = 1.0,
         timeout: float = 60.0,
         cache_path: str | os.PathLike | None = None,
         on_error: str = "raise",
         system_prompt: str = CHAT_JUDGE_SYSTEM,
         template: str = CHAT_JUDGE_TEMPLATE,
         max_tokens: int = 4,
+        max_connection_failures: int = 3,
         refusal_detector: Callable[[str], bool] = is_refusal,
     ) -> None:
         super().__init__(refusal_detector)
         if on_error not in {"raise", "incorrect"}:
             raise ValueError(f"ChatJudge: on_error must be 'raise' or 'incorrect', got {on_error!r}")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.api_key_env = api_key_env
         self.max_workers = max(1, int(max_workers))
         self.max_retries = max(0, int(max_retries))
-        self.backoff = backoff
-        self.timeout = timeout
         self.on_error = on_error
         self.system_prompt = system_prompt
         self.template = template
-        self.max_tokens = max_tokens
-        self.cache_path = Path(cache_path) if cache_path is not None else None
-        self.stats: Counter[str] = Counter()
-        self._cache: dict[str, bool] = {}
+        self.client = ChatClient(
+            base_url, model, api_key_env, timeout=timeout, max_retries=self.max_retries,
+            max_connection_failures=max_connection_failures, temperature=0, max_tokens=max_tokens,
+            cache=ReplyCache(cache_path), error_class=ChatJudgeError, name="chat judge",
+        )
+        self.url, self.model = self.client.url, model
+        self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        if self.cache_path is not None and self.cache_path.is_file():
-            self._load_cache(self.cache_path)
 
     def __repr__(self) -> str:
-        return f"ChatJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+        return f"ChatJudge(url={self.url!r}, model={self.model!r})"
 
-    # -- cache --------------------------------------------------------------------------------------------
-    def _load_cache(self, path: Path) -> None:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                    self._cache[str(entry["key"])] = bool(entry["verdict"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut short by an interrupted run
-
-    def _remember(self, key: str, verdict: bool) -> None:
+    @property
+    def stats(self) -> Counter[str]:
+        """requests (HTTP attempts), retries, cache_hits and failures (items without a verdict)."""
         with self._lock:
-            self._cache[key] = verdict
-            if self.cache_path is not None:
-                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.cache_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "verdict": verdict}) + "\n")
+            counts = Counter(self._counts)
+        counts.update(self.client.stats)
+        return counts
 
     # -- requests -----------------------------------------------------------------------------------------
     def messages(self, question: str, gold: str, response: str) -> list[dict[str, str]]:
@@ -319,57 +306,29 @@ class ChatJudge(Judge):
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
 
     def cache_key(self, messages: list[dict[str, str]]) -> str:
-        payload = json.dumps({"model": self.model, "messages": messages}, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-    def _post(self, messages: list[dict[str, str]]) -> str:
-        body = json.dumps(
-            {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
-        ).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-            data = json.loads(reply.read().decode("utf-8"))
-        return str(data["choices"][0]["message"]["content"] or "")
+        return request_key(self.client.body(messages))
 
     def _verdict(self, messages: list[dict[str, str]]) -> bool | None:
-        key = self.cache_key(messages)
-        with self._lock:
-            if key in self._cache:
-                self.stats["cache_hits"] += 1
-                return self._cache[key]
-        problem = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
+        cached = self.client.cached(messages)
+        if cached is not None and parse_verdict(cached) is not None:
+            return parse_verdict(cached)
+        for ask in range(self.max_retries + 1):
+            if ask:
                 with self._lock:
-                    self.stats["retries"] += 1
-                time.sleep(self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
-            with self._lock:
-                self.stats["requests"] += 1
+                    self._counts["retries"] += 1
             try:
-                verdict = parse_verdict(self._post(messages))
-            except urllib.error.HTTPError as error:
-                problem = f"HTTP {error.code}"
-                if error.code not in {408, 409, 429} and error.code < 500:
-                    break  # a client error (bad model name, bad key) does not go away by retrying
-                continue
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                problem = f"no reply ({getattr(error, 'reason', error)})"
-                continue
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError, UnicodeDecodeError):
-                problem = "a reply that is not a chat completion"
-                continue
-            if verdict is None:
-                problem = "a reply without a yes/no verdict"
-                continue
-            self._remember(key, verdict)
-            return verdict
+                reply = self.client.send(messages)  # a ChatJudgeError (401, unreachable) ends the run
+            except ChatRequestError as error:
+                problem = str(error)
+                break
+            verdict = parse_verdict(reply)
+            if verdict is not None:
+                self.client.remember(messages, reply)
+                return verdict
+            problem = f"a reply without a yes/no verdict after {ask + 1} attempt(s)"
         with self._lock:
-            self.stats["failures"] += 1
-        message = f"chat judge at {self.url}: {problem} after {self.max_retries + 1} attempt(s)"
+            self._counts["failures"] += 1
+        message = f"chat judge at {self.url}: {problem}"
         if self.on_error == "raise":
             raise ChatJudgeError(message)
         log.warning("%s; counted as incorrect", message)

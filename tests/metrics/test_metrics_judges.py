@@ -1,10 +1,12 @@
 """Judges: the shared labelling rules, exact and lexical matching, and the chat judge against a real
-HTTP server on 127.0.0.1 (yes, no, garbage, HTTP 500 then success, timeouts, cache, concurrency limit)."""
+HTTP server on 127.0.0.1 (yes, no, garbage, HTTP 500 then success, timeouts, cache, concurrency limit, HTTP
+401/403/404, 429 with Retry-After, a closed port, a reply that echoes the API key)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -12,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from datamodules.chat import NO_KEY
 from metrics.judges import (
     ChatJudge,
     ChatJudgeError,
@@ -117,7 +120,9 @@ def test_parse_verdict(reply, verdict):
 class _Server:
     """An OpenAI-compatible /v1/chat/completions stub whose behaviour depends on the graded response text:
     "say-yes", "say-no", "say-garbage", "fail-once" (500, then yes), "always-500", "bad-request" (400),
-    "slow" (sleeps `slow_s`, then yes), "slow-once" (slow only the first time)."""
+    "slow" (sleeps `slow_s`, then yes), "slow-once" (slow only the first time), "unauthorized" (401),
+    "forbidden" (403), "not-found" (404), "rate-limited" (429 with Retry-After: 2, then yes), "echo-key"
+    (yes, followed by the bearer token the request carried)."""
 
     def __init__(self, slow_s: float = 1.0):
         self.slow_s = slow_s
@@ -143,31 +148,40 @@ class _Server:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    code, payload = self._answer(marker, count, body)
+                    code, payload, headers = self._answer(marker, count, body)
                 finally:
                     # Out of flight before the reply leaves: once the client has it, it may send its next
                     # request, which must not find this one still counted.
                     with server.lock:
                         server.in_flight -= 1
-                self._send(code, payload)
+                self._send(code, payload, headers)
 
-            def _answer(self, marker, count, body) -> tuple[int, dict]:
+            def _answer(self, marker, count, body) -> tuple[int, dict, dict]:
                 if marker == "always-500" or (marker == "fail-once" and count == 1):
-                    return 500, {"error": "overloaded"}
+                    return 500, {"error": "overloaded"}, {}
                 if marker == "bad-request":
-                    return 400, {"error": "bad model"}
+                    return 400, {"error": "bad model"}, {}
+                refused = {"unauthorized": 401, "forbidden": 403, "not-found": 404}.get(marker)
+                if refused:
+                    return refused, {"error": {"message": f"refused ({marker})"}}, {}
+                if marker == "rate-limited" and count == 1:
+                    return 429, {"error": {"message": "slow down"}}, {"Retry-After": "2"}
                 if marker == "slow" or (marker == "slow-once" and count == 1):
                     time.sleep(server.slow_s)
                 if marker == "busy":
                     time.sleep(0.15)
                 content = {"say-no": "No.", "say-garbage": "Let me think about it."}.get(marker, "Yes")
+                if marker == "echo-key":
+                    content = f"Yes, {self.headers.get('Authorization', '').removeprefix('Bearer ')}"
                 reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-                return 200, {"model": body["model"], **reply}
+                return 200, {"model": body["model"], **reply}, {}
 
-            def _send(self, code, payload):
+            def _send(self, code, payload, headers):
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(code)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -180,7 +194,8 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
 
-    MARKERS = ("say-no", "say-garbage", "fail-once", "always-500", "bad-request", "slow-once", "slow", "busy")
+    MARKERS = ("say-no", "say-garbage", "fail-once", "always-500", "bad-request", "slow-once", "slow", "busy",
+               "unauthorized", "forbidden", "not-found", "rate-limited", "echo-key")
 
 
 @pytest.fixture
@@ -193,7 +208,7 @@ def server():
 
 
 def _judge(server, **kwargs) -> ChatJudge:
-    options = {"model": "judge-model", "api_key_env": "TEST_JUDGE_KEY", "max_retries": 2, "backoff": 0.01}
+    options = {"model": "judge-model", "max_retries": 2}
     options.update(kwargs)
     return ChatJudge(server.url, **options)
 
@@ -209,7 +224,7 @@ def _item(marker: str, answerable: bool = True) -> JudgeItem:
 
 def test_chat_judge_yes_and_no(server, monkeypatch, caplog):
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
-    judge = _judge(server)
+    judge = _judge(server, api_key_env="TEST_JUDGE_KEY")
     with caplog.at_level(logging.DEBUG):
         yes, no = judge.judge_many([_item("say-yes"), _item("say-no")])
     assert yes == Judgement(refused=False, correct=True, reason_ok=False)
@@ -229,10 +244,17 @@ def test_chat_judge_skips_refusals_and_unanswerable_items(server):
     assert sum(server.calls.values()) == 0
 
 
-def test_chat_judge_without_key_sends_no_authorization(server, monkeypatch):
-    monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
+def test_chat_judge_without_a_key_variable_sends_a_placeholder_not_openai_api_key(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")  # the openai client's own fallback
     assert _judge(server).judge_many([_item("say-yes")])[0].correct
-    assert server.auth == [None]
+    assert server.auth == [f"Bearer {NO_KEY}"]
+
+
+def test_chat_judge_with_an_unset_key_variable_is_an_error(server, monkeypatch):
+    monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(ChatJudgeError, match="environment variable TEST_JUDGE_KEY .* is not set"):
+        _judge(server, api_key_env="TEST_JUDGE_KEY")
+    assert sum(server.calls.values()) == 0
 
 
 def test_chat_judge_garbage_is_retried_then_fails(server, caplog):
@@ -289,3 +311,51 @@ def test_chat_judge_limits_concurrency(server):
     assert all(j.correct for j in _judge(server, max_workers=4).judge_many(items))
     assert server.calls["busy"] == 8
     assert 1 < server.max_in_flight <= 4  # concurrent, not one after another, and never more than 4
+
+
+@pytest.mark.parametrize(("marker", "status"),
+                         [("unauthorized", 401), ("forbidden", 403), ("not-found", 404)])
+@pytest.mark.parametrize("on_error", ["raise", "incorrect"])
+def test_chat_judge_stops_at_once_on_401_403_404(server, marker, status, on_error):
+    items = [JudgeItem("q", "red", f"answer {i} {marker}", answerable=True) for i in range(12)]
+    judge = _judge(server, max_workers=2, max_retries=3, on_error=on_error)
+    with pytest.raises(ChatJudgeError) as caught:
+        judge.judge_many(items)
+    message = str(caught.value)
+    assert message == f"chat judge: {server.url}/chat/completions answered HTTP {status}: refused ({marker})"
+    assert server.calls[marker] <= 2  # the requests in flight when the first answer came; none retried
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize("on_error", ["raise", "incorrect"])
+def test_chat_judge_stops_after_n_connection_failures_in_a_row(on_error):
+    judge = ChatJudge(_closed_port_url(), "m", max_retries=5, max_workers=1, max_connection_failures=3,
+                      on_error=on_error)
+    start = time.monotonic()
+    with pytest.raises(ChatJudgeError, match=r"^chat judge: no answer from http://127\.0\.0\.1:\d+/v1/chat/"
+                       r"completions after 3 attempts in a row \(ConnectError"):
+        judge.judge_many([_item(f"say-yes {i}") for i in range(5)])
+    assert judge.stats["requests"] == 3 and time.monotonic() - start < 3
+
+
+def test_chat_judge_waits_the_retry_after_of_the_server(server):
+    judge = _judge(server, max_retries=1)
+    start = time.monotonic()
+    assert judge.judge_many([_item("rate-limited")])[0].correct
+    assert server.calls["rate-limited"] == 2 and judge.stats["retries"] == 1
+    assert time.monotonic() - start >= 1.95  # the server's 2 s, not a backoff of its own (<= 0.5 s here)
+
+
+def test_chat_judge_keeps_an_echoed_key_out_of_its_cache(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
+    cache = tmp_path / "judge_cache.jsonl"
+    judge = _judge(server, api_key_env="TEST_JUDGE_KEY", cache_path=cache)
+    assert judge.judge_many([_item("echo-key")])[0].correct
+    assert server.auth == ["Bearer sk-secret-123"]
+    assert "sk-secret-123" not in cache.read_text() and "Yes, ***" in cache.read_text()
