@@ -475,6 +475,19 @@ def test_generate_stops_after_n_connection_failures_and_writes_nothing(tmp_path,
     assert not out.exists()
 
 
+def test_generate_stops_when_a_hung_server_times_out_n_times_in_a_row(serve, tmp_path, capsys) -> None:
+    server = serve(lambda fact, attempt: (200, good_reply(fact), 3.0))  # accepts, never answers in time
+    out = tmp_path / "o.jsonl"
+    args = moma_args(out, server, "--max-retries", "4")
+    args[args.index("--timeout") + 1] = "0.3"
+    start = time.monotonic()
+    assert main(args) == 2
+    assert time.monotonic() - start < 2.5  # without the stop: 12 items x 5 attempts of 0.3 s, with backoff
+    err = capsys.readouterr().err
+    assert "after 3 attempts in a row (ReadTimeout" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_generate_writes_no_output_when_nothing_was_generated(serve, tmp_path, capsys) -> None:
     server = serve(lambda fact, attempt: (200, "Not applicable", 0))
     out = tmp_path / "o.jsonl"
