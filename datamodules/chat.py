@@ -252,8 +252,8 @@ class ChatClient:
             self._check()
             raise ChatRequestError(f"{self.name}: stopped") from None
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
-            status = f"HTTP {error.status_code}: {self._describe(error)}"
-            raise self._give_up(f"{self.url} answered {status}") from None
+            self._give_up(f"{self.url} answered HTTP {error.status_code}: {self._describe(error)}")
+            self._check()
         except openai.APIStatusError as error:
             status = f"HTTP {error.status_code} from {self.url}: {self._describe(error)}"
             raise self._request_error(status) from None
@@ -284,22 +284,16 @@ class ChatClient:
         """Undo `stop` (a client stopped by a `ChatError` stays stopped)."""
         self._stop.clear()
 
-    @property
-    def stopped_by(self) -> ChatError | None:
-        """The error that stopped the client for good, if any."""
-        return self._fatal
-
     # ----------------------------------------------------------------------------------------- internals
     def _check(self) -> None:
-        if self._fatal is not None:
-            raise self._fatal
+        if self._fatal is not None:  # a copy: threads raising one instance would share its traceback
+            raise type(self._fatal)(*self._fatal.args) from None  # no chained error: it may hold the key
 
-    def _give_up(self, problem: str) -> ChatError:
+    def _give_up(self, problem: str) -> None:
         """Stop the client for good with one error (the first one, when threads race)."""
         with self._lock:
             if self._fatal is None:
                 self._fatal = self.error_class(self.redact(_one_line(f"{self.name}: {problem}", 600)))
-            return self._fatal
 
     def _request_error(self, problem: str) -> ChatRequestError:
         attempts = getattr(self._local, "attempts", 0)

@@ -9,6 +9,7 @@ import logging
 import socket
 import threading
 import time
+import traceback
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -121,8 +122,9 @@ class _Server:
     """An OpenAI-compatible /v1/chat/completions stub whose behaviour depends on the graded response text:
     "say-yes", "say-no", "say-garbage", "fail-once" (500, then yes), "always-500", "bad-request" (400),
     "slow" (sleeps `slow_s`, then yes), "slow-once" (slow only the first time), "unauthorized" (401),
-    "forbidden" (403), "not-found" (404), "rate-limited" (429 with Retry-After: 2, then yes), "echo-key"
-    (yes, followed by the bearer token the request carried)."""
+    "unauthorized-echo" (401 naming the key sent), "forbidden" (403), "not-found" (404), "rate-limited"
+    (429 with Retry-After: 2, then yes), "echo-key" (yes, followed by the bearer token the request
+    carried)."""
 
     def __init__(self, slow_s: float = 1.0):
         self.slow_s = slow_s
@@ -164,6 +166,9 @@ class _Server:
                 refused = {"unauthorized": 401, "forbidden": 403, "not-found": 404}.get(marker)
                 if refused:
                     return refused, {"error": {"message": f"refused ({marker})"}}, {}
+                if marker == "unauthorized-echo":
+                    bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    return 401, {"error": {"message": f"Incorrect API key provided: {bearer}"}}, {}
                 if marker == "rate-limited" and count == 1:
                     return 429, {"error": {"message": "slow down"}}, {"Retry-After": "2"}
                 if marker == "slow" or (marker == "slow-once" and count == 1):
@@ -195,7 +200,7 @@ class _Server:
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
 
     MARKERS = ("say-no", "say-garbage", "fail-once", "always-500", "bad-request", "slow-once", "slow", "busy",
-               "unauthorized", "forbidden", "not-found", "rate-limited", "echo-key")
+               "unauthorized-echo", "unauthorized", "forbidden", "not-found", "rate-limited", "echo-key")
 
 
 @pytest.fixture
@@ -359,3 +364,13 @@ def test_chat_judge_keeps_an_echoed_key_out_of_its_cache(server, monkeypatch, tm
     assert judge.judge_many([_item("echo-key")])[0].correct
     assert server.auth == ["Bearer sk-secret-123"]
     assert "sk-secret-123" not in cache.read_text() and "Yes, ***" in cache.read_text()
+
+
+def test_chat_judge_401_that_echoes_the_key_shows_it_nowhere(server, monkeypatch, caplog):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
+    judge = _judge(server, api_key_env="TEST_JUDGE_KEY")
+    with caplog.at_level(logging.DEBUG), pytest.raises(ChatJudgeError) as caught:
+        judge.judge_many([_item("unauthorized-echo")])
+    assert str(caught.value).endswith("answered HTTP 401: Incorrect API key provided: ***")
+    shown = "".join(traceback.format_exception(caught.value)) + caplog.text  # no chained openai error
+    assert "sk-secret-123" not in shown and "***" in shown
