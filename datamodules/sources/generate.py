@@ -277,9 +277,6 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     chat.add_argument("--max-connection-failures", type=int, default=3, metavar="N",
                       help="stop after N attempts in a row without an answer (refused, timed out; default "
                       "3; 0: never)")
-    chat.add_argument("--backoff", type=float, default=None,
-                      help="ignored, kept so that old command lines still run: retries wait as --max-retries "
-                      "says")
     chat.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     chat.add_argument("--max-tokens", type=int, help="reply length limit (default: the server's)")
     chat.add_argument("--cache", type=Path, help="reply cache file (default: OUT.jsonl.chat-cache.jsonl)")
@@ -396,9 +393,6 @@ def _make_writer(args: argparse.Namespace) -> tuple[QuestionWriter, dict[str, An
         raise _user_error("--concurrency must be at least 1")
     if args.max_connection_failures < 0:
         raise _user_error("--max-connection-failures must be at least 0")
-    if args.backoff is not None:
-        print("note: --backoff is ignored; retries wait the server's Retry-After, else 0.5 s doubling "
-              "up to 8 s", file=sys.stderr)
     cache = None if args.no_cache else (args.cache or args.out.with_name(args.out.name + ".chat-cache.jsonl"))
     writer = ChatWriter(
         args.base_url, args.model, args.api_key_env,

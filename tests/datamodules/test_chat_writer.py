@@ -516,12 +516,6 @@ def test_generate_keeps_an_echoed_key_out_of_records_and_cache(serve, tmp_path, 
         assert SECRET not in path.read_text(), path
 
 
-def test_old_backoff_flag_is_accepted_and_noted(serve, tmp_path, capsys) -> None:
-    server = serve(lambda fact, attempt: (200, good_reply(fact), 0))
-    assert main(moma_args(tmp_path / "o.jsonl", server, "--backoff", "0.01")) == 0
-    assert "--backoff is ignored" in capsys.readouterr().err
-
-
 def test_chat_writer_needs_a_url_and_a_model(tmp_path: Path, capsys) -> None:
     args = ["generate", "--source", "didemo", "--annotations", str(FIXTURES / "didemo" / "train_data.json"),
             "--category", "attribute", "--writer", "chat", "--num", "2", "--out", str(tmp_path / "o.jsonl")]
