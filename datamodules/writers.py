@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from datamodules.perturb import Perturbation
-
-REFUSAL_TEMPLATE = "The question is unanswerable because there is no {missing} in the video."
+from datamodules.records import REFUSAL_TEMPLATE
 
 
 @dataclass(frozen=True)
