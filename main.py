@@ -27,7 +27,8 @@ class AnswerabilityCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would replace the module's arguments with those saved in the checkpoint, silently
-        # dropping e.g. `--model.init_args.output_dir` or `f0_predictions` given to `test` with a checkpoint.
+        # dropping e.g. `--model.init_args.output_dir` or `before_predictions` given to `test` with a
+        # checkpoint.
         return
 
     def _resolve_last_checkpoint(self) -> None:

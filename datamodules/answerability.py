@@ -7,7 +7,6 @@ from the LightningModule at `setup` (attribute `processor`) or from its own `pro
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -21,15 +20,12 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from datamodules.records import QARecord, RecordError, read_records
+from datamodules.records import REFUSAL_OPENING, QARecord, RecordError, read_predictions, read_records
 from datamodules.video import Clip, read_clip
-from datamodules.writers import REFUSAL_TEMPLATE
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# The opening of every gold refusal; its likelihood ranks items by how likely the model is to refuse.
-REFUSAL_OPENING = REFUSAL_TEMPLATE.split(" because")[0]
 
 
 @dataclass(frozen=True)
@@ -435,7 +431,7 @@ class AnswerabilityDataModule(L.LightningDataModule):
             covered = {
                 r.id for r in records if which == "all" or (which == "unanswerable") == (not r.answerable)
             }
-            predictions = read_predictions(source)
+            predictions = {row["id"]: row["response"] for row in read_predictions(source, ("response",))}
             unknown = sorted(set(predictions) - covered)
             missing = sorted(covered - set(predictions))
             if missing:
@@ -537,25 +533,3 @@ class AnswerabilityDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", "generate", self.hparams.eval_batch_size, False, every_item_once=True)
 
-
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """id -> response from a predictions.jsonl; a bad line or a duplicate id is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecordError(path, None, None, "no such predictions file")
-    predictions: dict[str, str] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RecordError(path, number, None, f"invalid JSON ({error.msg})") from None
-            for key in ("id", "response"):
-                if not isinstance(row.get(key), str):
-                    raise RecordError(path, number, key, "missing or not a string")
-            if row["id"] in predictions:
-                raise RecordError(path, number, "id", f"duplicate id {row['id']!r}")
-            predictions[row["id"]] = row["response"]
-    return predictions

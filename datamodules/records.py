@@ -1,20 +1,32 @@
-"""The one record schema of the project (docs/design.md section 3): `QARecord`, validated JSONL I/O.
+"""The files the project speaks (docs/design.md section 3): the record schema `QARecord` and its validated
+JSONL I/O, the predictions file, the gold refusal and the one atomic writer.
 
-Every reader validates each line and names the file, line and field of the first problem; writers are
-atomic (temporary file in the same folder, then rename), so an interrupted run never leaves half a file.
+Every reader validates each line and names the file, line and field of the first problem; every writer is
+atomic (`atomic_write`: a temporary file in the same folder, then a rename), so an interrupted run never
+leaves half a file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 CATEGORIES = ("object", "relation", "attribute")
+"""Unanswerability categories of a record, in the order of their ids in the metrics (0, 1, 2)."""
+
+REFUSAL_OPENING = "The question is unanswerable"
+"""The opening of every gold refusal; its mean log-probability given the video and question is the refusal
+likelihood (docs/design.md section 6)."""
+
+REFUSAL_TEMPLATE = REFUSAL_OPENING + " because there is no {missing} in the video."
+"""The gold response of an unanswerable question whose missing element is `missing`."""
 
 
 class RecordError(ValueError):
@@ -154,29 +166,38 @@ def read_records(
     return records, skipped
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[IO[bytes]], None]) -> Path:
+    """Write `path` through a temporary file in the same folder and an atomic rename; returns the path.
+
+    `content`: text (written as UTF-8), bytes, or a function that writes into the binary file it is given
+    (e.g. `lambda f: figure.savefig(f, format="png")`). On any error the old file, if any, is left as it was
+    and the temporary file is removed. The file gets the usual mode (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(descriptor, "wb") as handle:
+            if callable(content):
+                content(handle)
+            else:
+                handle.write(content.encode("utf-8") if isinstance(content, str) else content)
             handle.flush()
             os.fsync(handle.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return path
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     """Atomically write dictionaries as JSONL; returns the number of lines."""
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    atomic_write(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
@@ -189,6 +210,64 @@ def write_records(path: str | os.PathLike, records: Iterable[QARecord]) -> int:
             raise RecordError(path, index, "id", f"duplicate id {record.id!r}")
         seen.add(record.id)
     return write_jsonl(path, (asdict(record) for record in records))
+
+
+def read_predictions(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The rows of a predictions file (JSONL, one object per item, as `predict` and `test` write them).
+
+    Every row needs a non-empty string `id`, unique in the file, and a string in each field of `required`
+    (e.g. ``("response",)`` where the responses are used); anything else is kept as it is. A missing file, a
+    bad line, a missing field or a duplicate id raises `RecordError` naming the file, the line and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(path, None, None, "no such predictions file")
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise RecordError(path, number, None, "not valid UTF-8 text") from None
+            except json.JSONDecodeError as error:
+                raise RecordError(path, number, None, f"invalid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise RecordError(path, number, None, f"expected a JSON object, got {type(row).__name__}")
+            for key in ("id", *required):
+                if not isinstance(row.get(key), str):
+                    raise RecordError(path, number, key, "missing or not a string")
+            if not row["id"].strip():
+                raise RecordError(path, number, "id", "is empty")
+            if row["id"] in seen:
+                problem = f"duplicate id {row['id']!r} (first on line {seen[row['id']]})"
+                raise RecordError(path, number, "id", problem)
+            seen[row["id"]] = number
+            rows.append(row)
+    return rows
+
+
+def _json_safe(value: Any) -> Any:
+    """Tensors and numpy scalars to Python numbers, NaN to None, +-inf to the largest float (which keeps the
+    ranking of scores)."""
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else math.copysign(sys.float_info.max, value)
+    return value
+
+
+def write_predictions(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Atomically write prediction rows as JSONL (NaN as null, tensors as numbers); returns the row count.
+
+    `read_predictions` reads them back."""
+    return write_jsonl(path, (_json_safe(row) for row in rows))
 
 
 def summarize_records(records: Iterable[QARecord]) -> dict[str, Any]:

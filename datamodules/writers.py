@@ -18,8 +18,7 @@ from typing import Any, Protocol
 
 from datamodules.chat import ChatClient, ChatError, ChatRequestError, ReplyCache
 from datamodules.perturb import Perturbation
-
-REFUSAL_TEMPLATE = "The question is unanswerable because there is no {missing} in the video."
+from datamodules.records import REFUSAL_TEMPLATE
 
 
 @dataclass(frozen=True)

@@ -1,37 +1,29 @@
 """`AlignmentModule`: SFT or DPO fine-tuning of a video-LLM, plus generation for `predict` and `test`.
 
 With LoRA the DPO reference is the same model with its adapters disabled (one copy in memory); without LoRA it
-is a frozen copy. `test` judges every response, scores the answerability metrics, and, for a LoRA model, also
-scores the adapters-disabled model (f0) in the same run for the before/after scores.
+is a frozen copy. `test` generates for every item and hands the responses to an `AnswerabilityEvaluator`
+(judging, metrics, reports); for a LoRA model it also generates with the adapters disabled, the model before
+alignment (the paper's f0), for the before/after scores.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
-import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
-from lightning.pytorch.loggers import WandbLogger
+from transformers import get_cosine_schedule_with_warmup
 
-from datamodules.answerability import read_predictions
-from datamodules.records import write_jsonl
+from datamodules.records import read_predictions, write_predictions
+from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
 from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
 from lightning_modules.video_llm import VideoLLMConfig, count_parameters, load_video_llm, save_hf
-from metrics.answerability import (
-    AnswerabilityAUROC,
-    AnswerabilityMetrics,
-    PairedAnswerabilityMetrics,
-    category_ids,
-)
-from metrics.judges import ExactMatchJudge, Judge, JudgeItem
-from metrics.report import log_to_wandb, paired_rows, prediction_row, write_reports
+from metrics.judges import Judge
+from metrics.report import flat_metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +42,9 @@ MODEL_INPUTS = (
 class AlignmentModule(L.LightningModule):
     """Fine-tunes a video-LLM for answerability.
 
-    Hooks: `training_step`/`validation_step` share `model_step`; `test_step` and `predict_step` generate;
-    `on_test_epoch_end` writes the report; `on_save_checkpoint` keeps only trainable weights;
+    Hooks: `training_step`/`validation_step` share `model_step`; `on_train_start` installs the learning-rate
+    schedule; `test_step` and `predict_step` generate; `test_step` hands the responses to `self.evaluator`
+    and `on_test_epoch_end` writes its reports; `on_save_checkpoint` keeps only trainable weights;
     `on_train_end` exports the model (a peft adapter with LoRA) for `from_pretrained`.
     """
 
@@ -69,7 +62,7 @@ class AlignmentModule(L.LightningModule):
         max_new_tokens: int = 24,
         judge: Judge | None = None,
         paired: bool = True,
-        f0_predictions: str | None = None,
+        before_predictions: str | None = None,
         output_dir: str | None = None,
     ):
         """
@@ -78,11 +71,13 @@ class AlignmentModule(L.LightningModule):
             objective: "sft" (NLL of the gold response) or "dpo" (a preference loss against the reference).
             beta, loss_type, label_smoothing: preference-loss settings (see `losses.preference_loss`).
             sft_weight: weight of an SFT term on the chosen response added to the preference loss.
-            lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay.
+            lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay (`warmup_cosine`).
             max_new_tokens: generation length for `predict` and `test` (greedy).
             judge: labels each response refused/correct/reason_ok (default: exact match, synthetic world).
-            paired: in `test`, also score the model before alignment (adapters disabled): paired scores.
-            f0_predictions: in `test`, take f0's responses from this predictions file (joined on `id`).
+            paired: in `test` of a LoRA model, also score the model before alignment (adapters disabled,
+                the paper's f0) and the alignment scores.
+            before_predictions: in `test`, take the responses of the model before alignment from this
+                predictions file (joined on `id`) instead.
             output_dir: the run's folder: checkpoints, the exported model, `test`/`predict` files;
                 defaults to the trainer's `default_root_dir`.
         """
@@ -90,20 +85,10 @@ class AlignmentModule(L.LightningModule):
         self.save_hyperparameters(ignore=["judge"])
         self.config = model or VideoLLMConfig()
         self.llm, self.processor = load_video_llm(self.config)
-        self.judge = judge or ExactMatchJudge()
         self.reference: torch.nn.Module | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
-        self.test_metrics = torch.nn.ModuleDict(
-            {
-                "f1": AnswerabilityMetrics(),
-                "f0": AnswerabilityMetrics(),
-                "f1_auroc": AnswerabilityAUROC(),
-                "f0_auroc": AnswerabilityAUROC(),
-                "paired": PairedAnswerabilityMetrics(),
-            }
-        )
-        self._rows: list[dict[str, Any]] = []
-        self._f0_responses: dict[str, str] | None = None
+        self.evaluator = AnswerabilityEvaluator(judge)  # a submodule: its metrics follow the device and sync
+        self._before_responses: dict[str, str] | None = None
         trainable, total = count_parameters(self.llm)
         log.info("video-LLM %s: %d of %d parameters trainable", self.config.name_or_path, trainable, total)
 
@@ -198,27 +183,18 @@ class AlignmentModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.llm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup_steps, trainer = self.hparams.warmup_steps, self.trainer
-
-        # The schedule's length is asked for at the first step, not here: asking Lightning here builds the
-        # training loader before a resumed run's loop state is restored, and the loader then cannot skip the
-        # batches that a mid-epoch checkpoint has already trained on (`ResumableDataLoader`).
-        @functools.cache
-        def warmup_and_total() -> tuple[int, int]:
-            total = max(int(trainer.estimated_stepping_batches), 1)
-            return min(warmup_steps, total - 1), total
-
-        def factor(step: int) -> float:
-            if step == 0:  # LambdaLR's call at construction
-                return 1 / (warmup_steps + 1)
-            warmup, total = warmup_and_total()
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(total - warmup, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # A stand-in until `on_train_start` installs the warm-up + cosine schedule, whose length
+        # (`estimated_stepping_batches`) builds the training loader: asked here, before a resumed run's loop
+        # state is restored, the loader could not skip the batches a mid-epoch checkpoint already trained on.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        config = self.trainer.lr_scheduler_configs[0]
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        config.scheduler = warmup_cosine(
+            config.scheduler.optimizer, self.hparams.warmup_steps, total, self.trainer.global_step
+        )
 
     # --------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -261,120 +237,55 @@ class AlignmentModule(L.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         rows = [row for batch in self.trainer.predict_loop.predictions for row in batch]
-        rows = _gather(rows)
+        rows = gather_rows(rows)
         if self.trainer.is_global_zero:
             path = self.out_dir / "predictions.jsonl"
-            write_jsonl(path, sorted(rows, key=lambda row: row["id"]))
+            write_predictions(path, sorted(rows, key=lambda row: row["id"]))
             print(f"wrote {len(rows)} predictions to {path}")
 
     # ---------------------------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:
-        self._rows = []
-        if self.hparams.f0_predictions:
-            self._f0_responses = read_predictions(self.hparams.f0_predictions)
-
-    def _score(self, name: str, batch: dict[str, Any], responses: list[str], likelihood: torch.Tensor | None):
-        records = batch["records"]
-        judgements = self.judge.judge_many(
-            [
-                JudgeItem(r.question, r.answer, response, r.answerable, r.missing_element)
-                for r, response in zip(records, responses, strict=True)
-            ]
-        )
-        device = self.device
-        refused = torch.tensor([j.refused for j in judgements], device=device)
-        correct = torch.tensor([j.correct for j in judgements], device=device)
-        reason = torch.tensor([j.reason_ok for j in judgements], device=device)
-        answerable = torch.tensor([r.answerable for r in records], device=device)
-        category = category_ids([r.category for r in records]).to(device)
-        self.test_metrics[name].update(refused, correct, answerable, category, reason)
-        if likelihood is not None:
-            self.test_metrics[f"{name}_auroc"].update(likelihood, answerable, category)
-        return judgements, refused, correct, answerable
+        self.evaluator.reset()
+        if self.hparams.before_predictions:
+            rows = read_predictions(self.hparams.before_predictions, ("response",))
+            self._before_responses = {row["id"]: row["response"] for row in rows}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         records = batch["records"]
-        f1_responses = self.generate(batch)
-        f1_likelihood = self.refusal_likelihood(batch)
-        f1, f1_refused, f1_correct, answerable = self._score("f1", batch, f1_responses, f1_likelihood)
-        f0 = f0_responses = f0_likelihood = None
-        if self._f0_responses is not None:
-            missing = [r.id for r in records if r.id not in self._f0_responses]
+        after, after_likelihood = self.generate(batch), self.refusal_likelihood(batch)
+        before = before_likelihood = None
+        if self._before_responses is not None:
+            missing = [r.id for r in records if r.id not in self._before_responses]
             if missing:
-                raise ValueError(f"{self.hparams.f0_predictions}: no f0 prediction for record {missing[0]!r}")
-            f0_responses = [self._f0_responses[r.id] for r in records]
+                raise ValueError(
+                    f"{self.hparams.before_predictions}: field 'id': no prediction for record {missing[0]!r}"
+                )
+            before = [self._before_responses[r.id] for r in records]
         elif self.hparams.paired and self.uses_lora:
             with self.llm.disable_adapter():
-                f0_responses = self.generate(batch)
-                f0_likelihood = self.refusal_likelihood(batch)
-        if f0_responses is not None:
-            f0, f0_refused, f0_correct, _ = self._score("f0", batch, f0_responses, f0_likelihood)
-            self.test_metrics["paired"].update(f0_refused, f0_correct, f1_refused, f1_correct, answerable)
-        f1_rows = self._prediction_rows(records, f1_responses, f1, f1_likelihood)
-        if f0 is None:
-            self._rows.extend(f1_rows)
-        else:
-            f0_rows = self._prediction_rows(records, f0_responses, f0, f0_likelihood)
-            self._rows.extend(paired_rows(f0_rows, f1_rows))
-
-    @staticmethod
-    def _prediction_rows(records, responses, judgements, likelihood) -> list[dict[str, Any]]:
-        return [
-            prediction_row(
-                id=r.id,
-                question=r.question,
-                gold=r.answer,
-                answerable=r.answerable,
-                category=r.category,
-                response=response,
-                judgement=judgement,
-                missing_element=r.missing_element,
-                form=r.meta.get("form"),
-                objects=r.meta.get("objects"),
-                refusal_likelihood=None if likelihood is None else float(likelihood[i]),
-            )
-            for i, (r, response, judgement) in enumerate(zip(records, responses, judgements, strict=True))
-        ]
-
-    def test_results(self) -> dict[str, Any]:
-        """The scores in metrics.json's structure: flat for one model, {f0, f1, paired} when paired."""
-
-        def plain(*metrics) -> dict[str, float]:
-            return {
-                k: float(v) for metric in metrics if metric.update_called for k, v in metric.compute().items()
-            }
-
-        m = self.test_metrics
-        f1 = plain(m["f1"], m["f1_auroc"])
-        if not m["paired"].update_called:
-            return f1
-        return {"f0": plain(m["f0"], m["f0_auroc"]), "f1": f1, "paired": plain(m["paired"])}
+                before, before_likelihood = self.generate(batch), self.refusal_likelihood(batch)
+        self.evaluator.update(records, after, after_likelihood, before, before_likelihood)
 
     def on_test_epoch_end(self) -> None:
-        results = self.test_results()
-        flat = (
-            {f"{group}/{k}": v for group, values in results.items() for k, v in values.items()}
-            if ("paired" in results)
-            else results
-        )
-        for key, value in flat.items():
-            if not math.isnan(value):
-                self.log(f"test/{key}", value, rank_zero_only=True)
-        rows = _gather(self._rows)
-        if self.trainer.is_global_zero:
-            paths = write_reports(self.out_dir, rows, results)
-            if isinstance(self.logger, WandbLogger):
-                log_to_wandb(self.logger, results, rows, paths["report_png"])
+        results = self.evaluator.results()
+        for key, value in flat_metrics(results, "test").items():
+            self.log(key, value, rank_zero_only=True)
+        paths = self.evaluator.write(self.out_dir, results, self.logger)
+        if paths is not None:
             print(f"wrote {', '.join(str(p) for p in paths.values())}")
-        for metric in self.test_metrics.values():
-            metric.reset()
+        self.evaluator.reset()
 
 
-def _gather(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """All ranks' rows on every rank (plain objects; metric states sync on their own)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, rows)
-    unique = {row["id"]: row for part in gathered for row in part}  # a padding sampler repeats items
-    return list(unique.values())
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps` optimizer steps, then cosine decay to 0 at `total_steps`.
+
+    transformers' `get_cosine_schedule_with_warmup` one step ahead: optimizer step s (from 0) trains at
+    min((s + 1) / (warmup + 1), 1) of the peak during the warm-up, not s / warmup, so no step is spent at a
+    learning rate of 0. `step`: the optimizer steps already taken (those of a resumed run).
+    """
+    warmup = min(warmup_steps, total_steps - 1)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return get_cosine_schedule_with_warmup(optimizer, warmup + 1, total_steps + 1, last_epoch=step)

@@ -1,15 +1,17 @@
 """Evaluation: refusal detection, judges, answerability torchmetrics and reports (docs/design.md section 6).
 
-This package never imports `lightning_modules` or `datamodules`; the LightningModule calls into it.
+This package imports `datamodules` (the record files, categories and gold refusal) but never
+`lightning_modules`; the LightningModule calls into it.
 """
 
 from metrics.answerability import (
-    CATEGORIES,
     HIGHER_IS_BETTER,
     AnswerabilityAUROC,
     AnswerabilityMetrics,
     PairedAnswerabilityMetrics,
+    alignment_scores,
     answerability_auroc,
+    answerability_scores,
     category_ids,
 )
 from metrics.judges import (
@@ -21,22 +23,20 @@ from metrics.judges import (
     Judgement,
     LexicalJudge,
 )
-from metrics.refusal import REFUSAL_OPENING, is_refusal, reason_ok
+from metrics.refusal import is_refusal, reason_ok
 from metrics.report import (
     combine_metrics_table,
+    flat_metrics,
     log_to_wandb,
     metrics_from_predictions,
-    paired_metrics,
     paired_rows,
     prediction_row,
-    read_predictions,
+    report_metrics,
     write_reports,
 )
 
 __all__ = [
-    "CATEGORIES",
     "HIGHER_IS_BETTER",
-    "REFUSAL_OPENING",
     "AnswerabilityAUROC",
     "AnswerabilityMetrics",
     "ChatJudge",
@@ -47,16 +47,18 @@ __all__ = [
     "Judgement",
     "LexicalJudge",
     "PairedAnswerabilityMetrics",
+    "alignment_scores",
     "answerability_auroc",
+    "answerability_scores",
     "category_ids",
     "combine_metrics_table",
+    "flat_metrics",
     "is_refusal",
     "log_to_wandb",
     "metrics_from_predictions",
-    "paired_metrics",
     "paired_rows",
     "prediction_row",
-    "read_predictions",
     "reason_ok",
+    "report_metrics",
     "write_reports",
 ]

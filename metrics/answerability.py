@@ -18,11 +18,13 @@ Scores of one model f (`AnswerabilityMetrics`):
   FN = #{U not refused}                                                                 (higher)
 - ``overall_accuracy``      = (#{A correct} + #{U refused}) / (|A| + |U|)               (higher)
 
-Scores of alignment from f0 (before) to f1 (after) on the same items (`PairedAnswerabilityMetrics`):
+Scores of alignment from the model before it (the paper's f0) to the model after it (f1), on the same items
+(`PairedAnswerabilityMetrics`):
 
-- ``excessive_refusal`` = #{i in A : f0 correct and f1 refused} / #{i in A : f0 correct}           (lower)
-- ``permissiveness``    = #{i in A : f0 refused and f1 correct} / #{i in A : f0 refused}           (higher)
-- ``discretion``        = #{i in U : f0 not refused and f1 refused} / #{i in U : f0 not refused}   (higher)
+- ``excessive_refusal`` = #{i in A : before correct and after refused} / #{i in A : before correct}  (lower)
+- ``permissiveness``    = #{i in A : before refused and after correct} / #{i in A : before refused}  (higher)
+- ``discretion``        = #{i in U : before not refused and after refused} / #{i in U : before not refused}
+  (higher)
 
 each with its denominator under ``<score>/denominator``.
 
@@ -30,6 +32,9 @@ Answerability AUROC (`AnswerabilityAUROC`): the probability that a random unansw
 higher refusal likelihood than a random answerable one (ties count one half), i.e. the ROC AUC of the
 score against the label "not answerable"; ``answerability_auroc/<category>`` ranks that category's
 unanswerable items against all answerable items. 0.5 means refusal does not depend on the input.
+
+Each class is a thin shell over functional helpers (`answerability_scores`, `alignment_scores`,
+`answerability_auroc`), which `metrics.report` also uses to recompute the scores from predictions.jsonl.
 """
 
 from __future__ import annotations
@@ -39,20 +44,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
+from datamodules.records import CATEGORIES  # a category's index is its id here (-1: answerable or unknown)
+
 __all__ = [
-    "CATEGORIES",
     "HIGHER_IS_BETTER",
     "AnswerabilityAUROC",
     "AnswerabilityMetrics",
     "PairedAnswerabilityMetrics",
+    "alignment_scores",
     "answerability_auroc",
+    "answerability_scores",
     "category_ids",
 ]
-
-CATEGORIES: tuple[str, ...] = ("object", "relation", "attribute")
-"""Unanswerability categories; their index is the category id (-1: answerable or unknown)."""
 
 HIGHER_IS_BETTER: dict[str, bool] = {
     "answerable_accuracy": True,
@@ -172,6 +178,17 @@ def _answerability_compute(s: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def answerability_scores(
+    refused: Tensor,
+    correct: Tensor,
+    answerable: Tensor,
+    category: Tensor | None = None,
+    reason_ok: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The scores `AnswerabilityMetrics` gives after one `update` with these arguments."""
+    return _answerability_compute(_answerability_update(refused, correct, answerable, category, reason_ok))
+
+
 class AnswerabilityMetrics(Metric):
     r"""The single-model answerability scores of docs/design.md section 6 (formulas in the module docstring).
 
@@ -248,21 +265,66 @@ class AnswerabilityMetrics(Metric):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Before (f0) versus after (f1)
+# Before versus after alignment (the paper's f0 and f1)
 
 _PAIRED = {
     # score: (numerator state, denominator state)
-    "excessive_refusal": ("f0_correct_f1_refused", "f0_correct"),
-    "permissiveness": ("f0_refused_f1_correct", "f0_refused"),
-    "discretion": ("f0_answered_f1_refused", "f0_answered"),
+    "excessive_refusal": ("before_correct_after_refused", "before_correct"),
+    "permissiveness": ("before_refused_after_correct", "before_refused"),
+    "discretion": ("before_answered_after_refused", "before_answered"),
 }
 
 
-class PairedAnswerabilityMetrics(Metric):
-    r"""Excessive Refusal, Permissiveness and Discretion of an alignment f0 -> f1 on the same items.
+def _paired_update(
+    before_refused: Tensor,
+    before_correct: Tensor,
+    after_refused: Tensor,
+    after_correct: Tensor,
+    answerable: Tensor,
+) -> dict[str, Tensor]:
+    answerable = _flags("answerable", answerable)
+    n = answerable.numel()
+    before_refused = _flags("before_refused", before_refused, n)
+    before_correct = _flags("before_correct", before_correct, n)
+    after_refused = _flags("after_refused", after_refused, n)
+    after_correct = _flags("after_correct", after_correct, n)
+    unanswerable = ~answerable
+    return {
+        "before_correct": _count(answerable & before_correct),
+        "before_correct_after_refused": _count(answerable & before_correct & after_refused),
+        "before_refused": _count(answerable & before_refused),
+        "before_refused_after_correct": _count(answerable & before_refused & after_correct),
+        "before_answered": _count(unanswerable & ~before_refused),
+        "before_answered_after_refused": _count(unanswerable & ~before_refused & after_refused),
+    }
 
-    ``update(f0_refused, f0_correct, f1_refused, f1_correct, answerable)`` takes one flag per item (bool
-    tensors, both models judged on the same items in the same order). ``compute()`` returns
+
+def _paired_compute(s: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for score, (numerator, denominator) in _PAIRED.items():
+        out[score] = _ratio(s[numerator], s[denominator])
+        out[f"{score}/denominator"] = s[denominator].float()
+    return out
+
+
+def alignment_scores(
+    before_refused: Tensor,
+    before_correct: Tensor,
+    after_refused: Tensor,
+    after_correct: Tensor,
+    answerable: Tensor,
+) -> dict[str, Tensor]:
+    """The scores `PairedAnswerabilityMetrics` gives after one `update` with these arguments."""
+    counts = _paired_update(before_refused, before_correct, after_refused, after_correct, answerable)
+    return _paired_compute(counts)
+
+
+class PairedAnswerabilityMetrics(Metric):
+    r"""Excessive Refusal, Permissiveness and Discretion of an alignment, from the model before it (the
+    paper's f0) to the model after it (f1), on the same items.
+
+    ``update(before_refused, before_correct, after_refused, after_correct, answerable)`` takes one flag per
+    item (bool tensors, both models judged on the same items in the same order). ``compute()`` returns
     ``excessive_refusal``, ``permissiveness``, ``discretion`` (NaN for an empty denominator) and their
     denominators ``<score>/denominator`` (formulas in the module docstring).
 
@@ -270,10 +332,10 @@ class PairedAnswerabilityMetrics(Metric):
         >>> import torch
         >>> metric = PairedAnswerabilityMetrics()
         >>> metric.update(
-        ...     f0_refused=torch.tensor([False, False, True, False, False]),
-        ...     f0_correct=torch.tensor([True, True, False, False, False]),
-        ...     f1_refused=torch.tensor([True, False, False, True, False]),
-        ...     f1_correct=torch.tensor([False, True, True, True, False]),
+        ...     before_refused=torch.tensor([False, False, True, False, False]),
+        ...     before_correct=torch.tensor([True, True, False, False, False]),
+        ...     after_refused=torch.tensor([True, False, False, True, False]),
+        ...     after_correct=torch.tensor([False, True, True, True, False]),
         ...     answerable=torch.tensor([True, True, True, False, False]),
         ... )
         >>> {k: round(v.item(), 3) for k, v in metric.compute().items()}  # doctest: +NORMALIZE_WHITESPACE
@@ -285,12 +347,12 @@ class PairedAnswerabilityMetrics(Metric):
     higher_is_better = None  # excessive_refusal is lower-is-better, the others higher; see HIGHER_IS_BETTER
     full_state_update = False
 
-    f0_correct: Tensor
-    f0_correct_f1_refused: Tensor
-    f0_refused: Tensor
-    f0_refused_f1_correct: Tensor
-    f0_answered: Tensor
-    f0_answered_f1_refused: Tensor
+    before_correct: Tensor
+    before_correct_after_refused: Tensor
+    before_refused: Tensor
+    before_refused_after_correct: Tensor
+    before_answered: Tensor
+    before_answered_after_refused: Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -300,34 +362,18 @@ class PairedAnswerabilityMetrics(Metric):
 
     def update(
         self,
-        f0_refused: Tensor,
-        f0_correct: Tensor,
-        f1_refused: Tensor,
-        f1_correct: Tensor,
+        before_refused: Tensor,
+        before_correct: Tensor,
+        after_refused: Tensor,
+        after_correct: Tensor,
         answerable: Tensor,
     ) -> None:
-        answerable = _flags("answerable", answerable)
-        n = answerable.numel()
-        f0_refused, f0_correct = _flags("f0_refused", f0_refused, n), _flags("f0_correct", f0_correct, n)
-        f1_refused, f1_correct = _flags("f1_refused", f1_refused, n), _flags("f1_correct", f1_correct, n)
-        unanswerable = ~answerable
-        counts = {
-            "f0_correct": _count(answerable & f0_correct),
-            "f0_correct_f1_refused": _count(answerable & f0_correct & f1_refused),
-            "f0_refused": _count(answerable & f0_refused),
-            "f0_refused_f1_correct": _count(answerable & f0_refused & f1_correct),
-            "f0_answered": _count(unanswerable & ~f0_refused),
-            "f0_answered_f1_refused": _count(unanswerable & ~f0_refused & f1_refused),
-        }
+        counts = _paired_update(before_refused, before_correct, after_refused, after_correct, answerable)
         for name, value in counts.items():
             setattr(self, name, getattr(self, name) + value.to(self.device))
 
     def compute(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for score, (numerator, denominator) in _PAIRED.items():
-            out[score] = _ratio(getattr(self, numerator), getattr(self, denominator))
-            out[f"{score}/denominator"] = getattr(self, denominator).float()
-        return out
+        return _paired_compute({name: getattr(self, name) for name in self._defaults})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,19 +381,16 @@ class PairedAnswerabilityMetrics(Metric):
 
 
 def _auroc(positive: Tensor, negative: Tensor) -> Tensor:
-    """Mann-Whitney AUROC with ties counted one half: P(positive > negative) + P(tie) / 2."""
-    n_pos, n_neg = positive.numel(), negative.numel()
-    if n_pos == 0 or n_neg == 0:
+    """ROC AUC of `positive` scores against `negative` ones (ties count one half); NaN if either is empty."""
+    if positive.numel() == 0 or negative.numel() == 0:
         return torch.tensor(float("nan"), device=positive.device)
-    values = torch.cat([positive, negative]).double()
-    sorted_values, order = torch.sort(values)
-    _, inverse, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    average_rank = ends - (counts.double() - 1) / 2  # 1-based rank, ties share their mean rank
-    ranks = torch.empty_like(values)
-    ranks[order] = average_rank[inverse]
-    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
-    return (u / (n_pos * n_neg)).float()
+    values = torch.cat([positive, negative])
+    # `binary_auroc` takes scores outside [0, 1] for logits and squashes them with a sigmoid, which ties
+    # distinct scores in floating point; their dense ranks scaled into [0, 1] keep the order and the ties.
+    _, rank = torch.unique(values, sorted=True, return_inverse=True)
+    preds = rank.double() / max(int(rank.max()), 1)
+    target = torch.cat([torch.ones_like(positive), torch.zeros_like(negative)]).long()
+    return binary_auroc(preds, target).float()
 
 
 def answerability_auroc(

@@ -1,8 +1,9 @@
 """Combine the `test` reports of several aligned models into one comparison (the demo's final report).
 
 `python -m metrics.combine --out DIR --run sft=RUN_DIR --run dpo=RUN_DIR [--seconds N]` reads each run's
-paired metrics.json (f0 before, f1 after alignment), takes f0 from the first run, and writes `report.json`
-(`{"f0": {...}, "sft": {...}, "dpo": {...}, "seconds": N}`), `report.md` and `report.png` into DIR.
+metrics.json with the model before alignment (the paper's f0) and after it (f1), takes the model before from
+the first run, and writes `report.json` (`{"before": {...}, "sft": {...}, "dpo": {...}, "seconds": N}`),
+`report.md` and `report.png` into DIR. A run's row holds its after scores and its alignment scores.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from metrics.report import _atomic_write, combine_metrics_table
+from datamodules.records import atomic_write
+from metrics.report import ALIGNMENT, combine_metrics_table
 
 TABLE_KEYS = (
     "answerable_accuracy",
@@ -36,27 +38,29 @@ def _number(value: Any) -> float:
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, float], dict[str, float]]:
-    """(f0 scores, f1 scores incl. the paired ones) from a paired run's metrics.json."""
+    """(scores before alignment, scores after it with the alignment scores) from a run's metrics.json."""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.json (run `python main.py test` for this run first)")
     metrics = json.loads(path.read_text())
-    if not all(isinstance(metrics.get(k), Mapping) for k in ("f0", "f1", "paired")):
+    if not all(isinstance(metrics.get(k), Mapping) for k in ("before", "after", ALIGNMENT)):
         raise ValueError(
-            f"{path}: not a paired report (f0, f1, paired); test a LoRA model or give f0_predictions"
+            f"{path}: no scores before alignment (before, after, {ALIGNMENT}); test a LoRA model or give "
+            "before_predictions"
         )
-    f0 = {k: _number(v) for k, v in metrics["f0"].items()}
-    f1 = {k: _number(v) for k, v in {**metrics["f1"], **metrics["paired"]}.items()}
-    return f0, f1
+    before = {k: _number(v) for k, v in metrics["before"].items()}
+    after = {k: _number(v) for k, v in {**metrics["after"], **metrics[ALIGNMENT]}.items()}
+    return before, after
 
 
 def combine(runs: Mapping[str, str | Path], seconds: float | None = None) -> dict[str, Any]:
-    """{"f0": ..., <run name>: ..., "seconds": ...} with f0 from the first run (all runs share one f0)."""
+    """{"before": ..., <run name>: ..., "seconds": ...} with the model before alignment from the first run
+    (all runs align the same base)."""
     report: dict[str, Any] = {}
     for name, run_dir in runs.items():
-        f0, f1 = load_run(run_dir)
-        report.setdefault("f0", f0)
-        report[name] = f1
+        before, after = load_run(run_dir)
+        report.setdefault("before", before)
+        report[name] = after
     report["seconds"] = seconds
     return report
 
@@ -83,9 +87,9 @@ def _plot(report: Mapping[str, Any], path: Path) -> None:
     )
     ax.set_ylim(0, 1.05)
     ax.legend()
-    ax.set_title("Answerability before (f0) and after alignment")
+    ax.set_title("Answerability before and after alignment")
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -101,11 +105,11 @@ def write_combined(out_dir: str | Path, report: Mapping[str, Any]) -> str:
         )
         for k, vals in report.items()
     }
-    _atomic_write(out / "report.json", lambda f: f.write(json.dumps(plain, indent=2) + "\n"))
+    atomic_write(out / "report.json", json.dumps(plain, indent=2) + "\n")
     table = combine_metrics_table({k: v for k, v in report.items() if k != "seconds"}, keys=TABLE_KEYS)
     seconds = report.get("seconds")
     footer = f"\nWhole demo: {seconds:.0f} s.\n" if seconds is not None else ""
-    _atomic_write(out / "report.md", lambda f: f.write(table + footer))
+    atomic_write(out / "report.md", table + footer)
     _plot(report, out / "report.png")
     return table
 
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         required=True,
         metavar="NAME=RUN_DIR",
-        help="a tested run folder (with a paired metrics.json); repeat for each model",
+        help="a tested run folder (its metrics.json with the model before alignment); repeat for each model",
     )
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the whole pipeline")
     args = parser.parse_args(argv)

@@ -9,10 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["REFUSAL_OPENING", "content_tokens", "is_refusal", "reason_ok"]
-
-REFUSAL_OPENING = "The question is unanswerable"
-"""The fixed refusal opening whose mean log-probability is the refusal likelihood (docs/design.md 6)."""
+__all__ = ["content_tokens", "is_refusal", "reason_ok"]
 
 # How the detector works (each rule exists because of a known failure of keyword matching):
 #  1. Text is lower-cased, curly quotes are straightened, and every quoted span ("...", '...', “...”)

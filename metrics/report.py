@@ -1,23 +1,26 @@
 """Evaluation outputs: predictions.jsonl, metrics.json, report.md, report.png and W&B logging.
 
-Every file is written atomically (a temporary file in the same folder, then `os.replace`), and
-`metrics_from_predictions` recomputes every score from predictions.jsonl in plain Python, so a report can
-always be checked against the per-item predictions it came from.
+The models of a run are named ``after`` (the model under test; the paper's f1) and, when the run also scores
+the model before alignment, ``before`` (the paper's f0); ``alignment`` holds the scores of the step from one
+to the other. Every file is written atomically (`datamodules.records.atomic_write`), and
+`metrics_from_predictions` recomputes every score from predictions.jsonl with the metrics' own functions, so a
+report can always be checked against the per-item predictions it came from.
 
 predictions.jsonl, one JSON object per test item:
 
-- single model: ``id, category, answerable, question, gold, missing_element, form, objects, response, refused,
+- one model: ``id, category, answerable, question, gold, missing_element, form, objects, response, refused,
   correct, reason_ok, refusal_likelihood`` (``category`` and ``missing_element`` null for answerable items,
   ``refusal_likelihood`` null when it was not computed; ``form``, the question's form such as "colour" or
   "where", and ``objects``, how many objects the clip shows, come from the record's ``meta`` and are null when
   it does not say);
-- paired run (f0 before, f1 after alignment): the item fields ``id, category, answerable, question, gold,
-  missing_element, form, objects`` once, and the model fields nested per model:
-  ``"f0": {response, refused, correct, reason_ok, refusal_likelihood}, "f1": {...}``.
+- before and after: the item fields ``id, category, answerable, question, gold, missing_element, form,
+  objects`` once, and the model fields nested per model:
+  ``"before": {response, refused, correct, reason_ok, refusal_likelihood}, "after": {...}``.
 
-metrics.json: for one model a flat ``{score: value}``; for a paired run
-``{"f0": {score: value}, "f1": {score: value}, "paired": {excessive_refusal, ..., <score>/denominator}}``.
-JSON has no NaN, so an undefined score (zero denominator) is written as null.
+metrics.json: ``{"after": {score: value}}`` for one model; ``{"before": {...}, "after": {...}, "alignment":
+{excessive_refusal, ..., <score>/denominator}}`` with the model before alignment. JSON has no NaN, so an
+undefined score (zero denominator) is written as null. W&B and Lightning log the same scores as
+``test/after/<score>``, ``test/before/<score>`` and ``test/alignment/<score>``.
 """
 
 from __future__ import annotations
@@ -25,37 +28,50 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from metrics.answerability import CATEGORIES, HIGHER_IS_BETTER
+import torch
+
+from datamodules.records import CATEGORIES, atomic_write, read_predictions, write_predictions
+from metrics.answerability import (
+    HIGHER_IS_BETTER,
+    alignment_scores,
+    answerability_auroc,
+    answerability_scores,
+    category_ids,
+)
 from metrics.judges import Judgement
 
 __all__ = [
+    "ALIGNMENT",
+    "ALIGNMENT_SCORE_KEYS",
     "ITEM_FIELDS",
+    "MODELS",
     "MODEL_FIELDS",
-    "PAIRED_SCORE_KEYS",
     "SCORE_KEYS",
     "combine_metrics_table",
+    "flat_metrics",
     "flatten_prediction",
     "format_report",
     "is_paired",
     "log_to_wandb",
     "metrics_from_predictions",
-    "paired_metrics",
     "paired_rows",
     "prediction_row",
-    "read_predictions",
+    "report_metrics",
     "to_plain",
     "write_metrics_json",
-    "write_predictions",
     "write_report_md",
     "write_report_png",
     "write_reports",
 ]
+
+MODELS: tuple[str, ...] = ("before", "after")
+"""The models of a run in report order: before alignment (the paper's f0) and after it (f1)."""
+ALIGNMENT = "alignment"
+"""The group of the scores of the step from `before` to `after` (Excessive Refusal, ...)."""
 
 ITEM_FIELDS: tuple[str, ...] = (
     "id", "category", "answerable", "question", "gold", "missing_element", "form", "objects"
@@ -75,29 +91,9 @@ SCORE_KEYS: tuple[str, ...] = (
     *(f"answerability_auroc/{c}" for c in CATEGORIES),
 )
 """Single-model scores in report order."""
-PAIRED_SCORE_KEYS: tuple[str, ...] = ("excessive_refusal", "permissiveness", "discretion")
+ALIGNMENT_SCORE_KEYS: tuple[str, ...] = ("excessive_refusal", "permissiveness", "discretion")
 
 Metrics = Mapping[str, Any]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _number(value: Any) -> float | None:
@@ -152,14 +148,15 @@ def prediction_row(
 
 
 def is_paired(rows: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether prediction rows are the paired (f0/f1) form."""
-    return bool(rows) and "f0" in rows[0] and "f1" in rows[0]
+    """Whether prediction rows hold a model before and after alignment (nested fields) or one model."""
+    return bool(rows) and all(isinstance(rows[0].get(model), Mapping) for model in MODELS)
 
 
 def paired_rows(
-    f0_rows: Iterable[Mapping[str, Any]], f1_rows: Iterable[Mapping[str, Any]]
+    before_rows: Iterable[Mapping[str, Any]], after_rows: Iterable[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Join two single-model prediction lists on `id` into paired rows (in the order of `f1_rows`).
+    """Join the single-model prediction rows of the models before and after alignment on `id`, in the order of
+    `after_rows`, into rows with the model fields nested under "before" and "after".
 
     Raises ValueError naming the first id that is missing on one side or duplicated.
     """
@@ -172,66 +169,24 @@ def paired_rows(
             out[row["id"]] = row
         return out
 
-    f0, f1 = by_id(f0_rows, "f0"), by_id(f1_rows, "f1")
-    if f0.keys() != f1.keys():
-        missing = sorted(f1.keys() - f0.keys()) or sorted(f0.keys() - f1.keys())
-        side = "f0" if f1.keys() - f0.keys() else "f1"
+    before, after = by_id(before_rows, "before"), by_id(after_rows, "after")
+    if before.keys() != after.keys():
+        missing = sorted(after.keys() - before.keys()) or sorted(before.keys() - after.keys())
+        side = "before" if after.keys() - before.keys() else "after"
         raise ValueError(
             f"{side} predictions: field 'id': no prediction for id {missing[0]!r} ({len(missing)} missing)"
         )
     out = []
-    for item_id, after in f1.items():
-        before = f0[item_id]
-        row = {field: after.get(field) for field in ITEM_FIELDS}
-        row["f0"] = {field: before.get(field) for field in MODEL_FIELDS}
-        row["f1"] = {field: after.get(field) for field in MODEL_FIELDS}
+    for item_id, after_row in after.items():
+        row = {field: after_row.get(field) for field in ITEM_FIELDS}
+        row["before"] = {field: before[item_id].get(field) for field in MODEL_FIELDS}
+        row["after"] = {field: after_row.get(field) for field in MODEL_FIELDS}
         out.append(row)
     return out
 
 
-def _json_safe(value: Any) -> Any:
-    """Tensors to Python numbers, NaN to None, +-inf to the largest float (keeps the ranking of scores)."""
-    if isinstance(value, Mapping):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, str):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else math.copysign(sys.float_info.max, value)
-    return value
-
-
-def write_predictions(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Write prediction rows (single or paired form) as JSON lines, atomically. NaN is written as null."""
-    rows = list(rows)
-
-    def write(f: IO) -> None:
-        for row in rows:
-            f.write(json.dumps(_json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
-
-    return _atomic_write(path, write)
-
-
-def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read predictions.jsonl; a malformed line raises ValueError naming the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-            if not isinstance(row, dict) or "id" not in row:
-                raise ValueError(f"{path}, line {number}: field 'id': missing")
-            rows.append(row)
-    return rows
-
-
 def flatten_prediction(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A paired row with its nested model fields as ``f0/response``, ``f1/refused``, ...
+    """A paired row with its nested model fields as ``before/response``, ``after/refused``, ...
 
     A single-model row comes back unchanged."""
     flat: dict[str, Any] = {}
@@ -244,96 +199,84 @@ def flatten_prediction(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Recomputing the scores by hand
+# Recomputing the scores from the predictions
 
 
-def _div(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else float("nan")
+def _model_fields(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Each model's fields per row: nested under "before"/"after", or the row itself for one model."""
+    if is_paired(rows):
+        return {model: [row[model] for row in rows] for model in MODELS}
+    return {"after": list(rows)}
 
 
-def _auroc(positive: list[float], negative: list[float]) -> float:
-    if not positive or not negative:
-        return float("nan")
-    wins = 0.0
-    for p in positive:
-        for n in negative:
-            wins += 1.0 if p > n else 0.5 if p == n else 0.0
-    return wins / (len(positive) * len(negative))
+def _flags(rows: Sequence[Mapping[str, Any]], fields: Sequence[Mapping[str, Any]], key: str) -> torch.Tensor:
+    values = []
+    for row, model in zip(rows, fields, strict=True):
+        value = model.get(key)
+        if value not in (True, False):
+            problem = f"expected true or false, got {value!r}"
+            raise ValueError(f"prediction {row.get('id')!r}: field '{key}': {problem}")
+        values.append(bool(value))
+    return torch.tensor(values, dtype=torch.bool)
 
 
-def _single_scores(items: list[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> dict[str, float]:
-    """Scores of one model from (item fields, model fields) pairs (docs/design.md section 6)."""
-    a = [m for item, m in items if item["answerable"]]
-    u = [(item, m) for item, m in items if not item["answerable"]]
-    a_correct = sum(bool(m["correct"]) for m in a)
-    a_refused = sum(bool(m["refused"]) for m in a)
-    u_refused = sum(bool(m["refused"]) for _, m in u)
-    out = {
-        "answerable_accuracy": _div(a_correct, len(a)),
-        "over_refusal_rate": _div(a_refused, len(a)),
-        "unanswerable_accuracy": _div(u_refused, len(u)),
-    }
-    for category in CATEGORIES:
-        in_category = [m for item, m in u if item.get("category") == category]
-        out[f"unanswerable_accuracy/{category}"] = _div(
-            sum(bool(m["refused"]) for m in in_category), len(in_category)
-        )
-    out["reason_accuracy"] = _div(sum(bool(m["refused"]) and bool(m["reason_ok"]) for _, m in u), len(u))
-    tp, fp, fn = u_refused, a_refused, len(u) - u_refused
-    out["unanswerable_precision"] = _div(tp, tp + fp)
-    out["unanswerable_recall"] = _div(tp, tp + fn)
-    out["unanswerable_f1"] = _div(2 * tp, 2 * tp + fp + fn)
-    out["overall_accuracy"] = _div(a_correct + u_refused, len(a) + len(u))
-    if items and all(m.get("refusal_likelihood") is not None for _, m in items):
-        a_scores = [float(m["refusal_likelihood"]) for m in a]
-        out["answerability_auroc"] = _auroc([float(m["refusal_likelihood"]) for _, m in u], a_scores)
-        for category in CATEGORIES:
-            u_scores = [float(m["refusal_likelihood"]) for item, m in u if item.get("category") == category]
-            out[f"answerability_auroc/{category}"] = _auroc(u_scores, a_scores)
-    return out
+def metrics_from_predictions(
+    rows_or_path: str | os.PathLike | Sequence[Mapping[str, Any]],
+) -> dict[str, dict[str, float]]:
+    """Recompute every score from prediction rows (or a predictions.jsonl path) with the functions behind the
+    metric classes (`answerability_scores`, `answerability_auroc`, `alignment_scores`).
 
-
-def _paired_scores(rows: list[Mapping[str, Any]]) -> dict[str, float]:
-    a = [r for r in rows if r["answerable"]]
-    u = [r for r in rows if not r["answerable"]]
-    f0_correct = [r for r in a if r["f0"]["correct"]]
-    f0_refused = [r for r in a if r["f0"]["refused"]]
-    f0_answered = [r for r in u if not r["f0"]["refused"]]
-    return {
-        "excessive_refusal": _div(sum(bool(r["f1"]["refused"]) for r in f0_correct), len(f0_correct)),
-        "excessive_refusal/denominator": float(len(f0_correct)),
-        "permissiveness": _div(sum(bool(r["f1"]["correct"]) for r in f0_refused), len(f0_refused)),
-        "permissiveness/denominator": float(len(f0_refused)),
-        "discretion": _div(sum(bool(r["f1"]["refused"]) for r in f0_answered), len(f0_answered)),
-        "discretion/denominator": float(len(f0_answered)),
-    }
-
-
-def metrics_from_predictions(rows_or_path: str | os.PathLike | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Recompute every score from prediction rows (or a predictions.jsonl path) in plain Python.
-
-    Returns the metrics.json structure: flat for one model, ``{"f0", "f1", "paired"}`` for a paired run.
-    The AUROC keys appear when every row has a refusal likelihood. NaN marks a zero denominator.
+    Returns the metrics.json structure (``{"after"}``, or ``{"before", "after", "alignment"}``) with float
+    values. A model's AUROC keys appear when each of its rows has a refusal likelihood. NaN marks a zero
+    denominator.
     """
     rows = (
         read_predictions(rows_or_path) if isinstance(rows_or_path, str | os.PathLike) else list(rows_or_path)
     )
-    if is_paired(rows):
-        return {
-            "f0": _single_scores([(r, r["f0"]) for r in rows]),
-            "f1": _single_scores([(r, r["f1"]) for r in rows]),
-            "paired": _paired_scores(rows),
-        }
-    return _single_scores([(r, r) for r in rows])
+    answerable = _flags(rows, rows, "answerable")
+    category = category_ids([row.get("category") for row in rows])
+    models = _model_fields(rows)
+    out: dict[str, dict[str, Any]] = {}
+    for name, fields in models.items():
+        scores = answerability_scores(
+            _flags(rows, fields, "refused"),
+            _flags(rows, fields, "correct"),
+            answerable,
+            category,
+            _flags(rows, fields, "reason_ok"),
+        )
+        likelihood = [model.get("refusal_likelihood") for model in fields]
+        if rows and all(value is not None for value in likelihood):
+            refusal_score = torch.tensor(likelihood, dtype=torch.float64)
+            scores.update(answerability_auroc(refusal_score, answerable, category))
+        out[name] = scores
+    if "before" in models:
+        before, after = models["before"], models["after"]
+        out[ALIGNMENT] = alignment_scores(
+            _flags(rows, before, "refused"),
+            _flags(rows, before, "correct"),
+            _flags(rows, after, "refused"),
+            _flags(rows, after, "correct"),
+            answerable,
+        )
+    return {group: {key: float(value) for key, value in scores.items()} for group, scores in out.items()}
 
 
-def paired_metrics(f0: Metrics, f1: Metrics, paired: Metrics) -> dict[str, Any]:
-    """The metrics.json structure of a paired run from the computed metric dicts of f0, f1 and the pair."""
-    return {"f0": dict(f0), "f1": dict(f1), "paired": dict(paired)}
+def report_metrics(after: Metrics, before: Metrics | None = None, alignment: Metrics | None = None) -> dict:
+    """The metrics.json structure from the computed score dicts of the model after alignment and, when it was
+    scored, the model before it and the alignment scores."""
+    out: dict[str, Any] = {} if before is None else {"before": dict(before)}
+    out["after"] = dict(after)
+    if alignment is not None:
+        out[ALIGNMENT] = dict(alignment)
+    return out
 
 
-def _is_paired_metrics(metrics: Metrics) -> bool:
-    return isinstance(metrics.get("f0"), Mapping) and isinstance(metrics.get("f1"), Mapping)
+def _models(metrics: Metrics) -> list[str]:
+    models = [model for model in MODELS if isinstance(metrics.get(model), Mapping)]
+    if "after" not in models:
+        raise ValueError(f"no scores of the model under test ('after') among the metrics {sorted(metrics)}")
+    return models
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,9 +284,8 @@ def _is_paired_metrics(metrics: Metrics) -> bool:
 
 
 def write_metrics_json(path: str | os.PathLike, metrics: Metrics) -> Path:
-    """Write metrics (single or paired structure, tensors allowed) as JSON, NaN as null, atomically."""
-    text = json.dumps(to_plain(metrics), indent=2, allow_nan=False) + "\n"
-    return _atomic_write(path, lambda f: f.write(text))
+    """Write metrics (the metrics.json structure, tensors allowed) as JSON, NaN as null, atomically."""
+    return atomic_write(path, json.dumps(to_plain(metrics), indent=2, allow_nan=False) + "\n")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -371,32 +313,28 @@ def _counts_line(rows: Sequence[Mapping[str, Any]]) -> str:
 def _skill_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """A table of answerable accuracy by question form, split by one object / several objects in the clip when
     the rows say: which skills the model has, the first thing to check of a base before aligning it."""
-    answerable = [r for r in rows if r["answerable"] and r.get("form") is not None]
-    if not answerable:
+    if not any(r["answerable"] and r.get("form") is not None for r in rows):
         return []
-    models = ("f0", "f1") if is_paired(rows) else (None,)  # None: a single model's fields are the row's own
+    models = _model_fields(rows)
 
     def clip(row: Mapping[str, Any]) -> str:
         objects = row.get("objects")
         return "" if objects is None else "1 object" if objects == 1 else "2+ objects"
 
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for row in answerable:
-        groups.setdefault((str(row["form"]), clip(row)), []).append(row)
-    columns = [model or "accuracy" for model in models]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, row in enumerate(rows):
+        if row["answerable"] and row.get("form") is not None:
+            groups.setdefault((str(row["form"]), clip(row)), []).append(index)
     lines = [
         "",
         "## Answerable accuracy by question form",
         "",
-        "| form | clip | items | " + " | ".join(columns) + " |",
-        "|---|---|---:|" + "---:|" * len(columns),
+        "| form | clip | items | " + " | ".join(models) + " |",
+        "|---|---|---:|" + "---:|" * len(models),
     ]
     for (form, kind), members in sorted(groups.items()):
-        accuracies = [
-            sum(bool((row[model] if model else row)["correct"]) for row in members) / len(members)
-            for model in models
-        ]
-        cells = " | ".join(_fmt(accuracy) for accuracy in accuracies)
+        correct = [sum(bool(fields[i]["correct"]) for i in members) for fields in models.values()]
+        cells = " | ".join(_fmt(count / len(members)) for count in correct)
         lines.append(f"| {form} | {kind} | {len(members)} | {cells} |")
     return lines
 
@@ -404,35 +342,31 @@ def _skill_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def format_report(
     metrics: Metrics, title: str = "Answerability report", rows: Sequence[Mapping[str, Any]] | None = None
 ) -> str:
-    """The Markdown report: one table of scores (columns f0 and f1 for a paired run), for a paired run a table
-    of the alignment scores with their denominators, and, when the rows carry question forms, answerable
-    accuracy by form (`_skill_lines`). Values have 3 decimals; NaN is "NaN"."""
+    """The Markdown report: one table of scores with a column per model (before, after), the alignment scores
+    with their denominators when the model before alignment was scored, and, when the rows carry question
+    forms, answerable accuracy by form (`_skill_lines`). Values have 3 decimals; NaN is "NaN"."""
+    models = _models(metrics)
     lines = [f"# {title}", ""]
     if rows:
         lines += [_counts_line(rows), ""]
-    if _is_paired_metrics(metrics):
-        f0, f1 = metrics["f0"], metrics["f1"]
-        lines += ["| score | better | f0 | f1 |", "|---|---|---:|---:|"]
-        for key in _ordered_keys(f0, f1):
-            lines.append(f"| {key} | {_better(key)} | {_fmt(f0.get(key))} | {_fmt(f1.get(key))} |")
-        paired = metrics.get("paired") or {}
-        if paired:
-            lines += [
-                "",
-                "## Alignment f0 -> f1",
-                "",
-                "| score | better | value | denominator |",
-                "|---|---|---:|---:|",
-            ]
-            for key in PAIRED_SCORE_KEYS:
-                if key in paired:
-                    denominator = _number(paired.get(f"{key}/denominator"))
-                    shown = "" if denominator is None else str(int(denominator))
-                    lines.append(f"| {key} | {_better(key)} | {_fmt(paired[key])} | {shown} |")
-    else:
-        lines += ["| score | better | value |", "|---|---|---:|"]
-        for key in _ordered_keys(metrics):
-            lines.append(f"| {key} | {_better(key)} | {_fmt(metrics[key])} |")
+    lines += ["| score | better | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]
+    for key in _ordered_keys(*(metrics[model] for model in models)):
+        cells = " | ".join(_fmt(metrics[model].get(key)) for model in models)
+        lines.append(f"| {key} | {_better(key)} | {cells} |")
+    alignment = metrics.get(ALIGNMENT) or {}
+    if alignment:
+        lines += [
+            "",
+            "## Alignment (before -> after)",
+            "",
+            "| score | better | value | denominator |",
+            "|---|---|---:|---:|",
+        ]
+        for key in ALIGNMENT_SCORE_KEYS:
+            if key in alignment:
+                denominator = _number(alignment.get(f"{key}/denominator"))
+                shown = "" if denominator is None else str(int(denominator))
+                lines.append(f"| {key} | {_better(key)} | {_fmt(alignment[key])} | {shown} |")
     lines += _skill_lines(rows or [])
     lines += ["", "NaN: the score's denominator is zero (no such items)."]
     return "\n".join(lines) + "\n"
@@ -445,33 +379,30 @@ def write_report_md(
     rows: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write `format_report(...)` atomically."""
-    text = format_report(metrics, title=title, rows=rows)
-    return _atomic_write(path, lambda f: f.write(text))
+    return atomic_write(path, format_report(metrics, title=title, rows=rows))
 
 
 def write_report_png(path: str | os.PathLike, metrics: Metrics, title: str = "Answerability report") -> Path:
-    """A bar chart per score (f0 and f1 side by side for a paired run, plus the alignment scores), with the
-    Agg canvas directly (no pyplot state, no display needed), written atomically."""
+    """A bar chart per score (before and after side by side when both were scored, plus the alignment scores),
+    with the Agg canvas directly (no pyplot state, no display needed), written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    paired = _is_paired_metrics(metrics)
-    series = {"f0": metrics["f0"], "f1": metrics["f1"]} if paired else {"model": metrics}
+    series = {model: metrics[model] for model in _models(metrics)}
     keys = _ordered_keys(*series.values())
-    alignment = {k: metrics["paired"][k] for k in PAIRED_SCORE_KEYS if k in (metrics.get("paired") or {})}
+    scores = metrics.get(ALIGNMENT) or {}
+    alignment = {k: scores[k] for k in ALIGNMENT_SCORE_KEYS if k in scores}
 
     panels = 2 if alignment else 1
     fig = Figure(figsize=(max(8.0, 0.6 * len(keys) + 3), 4.5 * panels), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     width = 0.8 / len(series)
-    colors = ("#8c8c8c", "#1f77b4")
+    colors = {"before": "#8c8c8c", "after": "#1f77b4"}
     for j, (name, values) in enumerate(series.items()):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(keys))]
         heights = [_number(values.get(k)) for k in keys]
-        axes[0].bar(
-            xs, [h or 0.0 for h in heights], width, label=name, color=colors[j % 2] if paired else colors[1]
-        )
+        axes[0].bar(xs, [h or 0.0 for h in heights], width, label=name, color=colors[name])
         for x, h in zip(xs, heights, strict=True):
             axes[0].text(
                 x, (h or 0.0) + 0.01, "NaN" if h is None else f"{h:.2f}", ha="center", va="bottom", fontsize=7
@@ -484,23 +415,24 @@ def write_report_png(path: str | os.PathLike, metrics: Metrics, title: str = "An
         fontsize=8,
     )
     axes[0].set_ylim(0, 1.12)
-    axes[0].set_title(title + ("  (before f0 / after f1; + higher is better, - lower)" if paired else ""))
-    if paired:
+    axes[0].set_title(title + ("  (before / after alignment; + higher is better, - lower)"
+                               if len(series) > 1 else ""))
+    if len(series) > 1:
         axes[0].legend(loc="upper right")
     if alignment:
         names = list(alignment)
         heights = [_number(alignment[k]) for k in names]
         axes[1].bar(range(len(names)), [h or 0.0 for h in heights], 0.5, color="#2ca02c")
         for i, (key, h) in enumerate(zip(names, heights, strict=True)):
-            denominator = _number(metrics["paired"].get(f"{key}/denominator"))
+            denominator = _number(scores.get(f"{key}/denominator"))
             label = ("NaN" if h is None else f"{h:.2f}") + (
                 "" if denominator is None else f"  (n={int(denominator)})"
             )
             axes[1].text(i, (h or 0.0) + 0.01, label, ha="center", va="bottom", fontsize=8)
         axes[1].set_xticks(range(len(names)), [f"{k} ({'+' if HIGHER_IS_BETTER[k] else '-'})" for k in names])
         axes[1].set_ylim(0, 1.12)
-        axes[1].set_title("Alignment f0 -> f1")
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+        axes[1].set_title("Alignment (before -> after)")
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def write_reports(
@@ -517,8 +449,9 @@ def write_reports(
     out_dir = Path(out_dir)
     rows = list(rows)
     metrics = metrics_from_predictions(rows) if metrics is None else metrics
+    write_predictions(out_dir / "predictions.jsonl", rows)
     return {
-        "predictions": write_predictions(out_dir / "predictions.jsonl", rows),
+        "predictions": out_dir / "predictions.jsonl",
         "metrics": write_metrics_json(out_dir / "metrics.json", metrics),
         "report_md": write_report_md(out_dir / "report.md", metrics, title=title, rows=rows),
         "report_png": write_report_png(out_dir / "report.png", metrics, title=title),
@@ -528,7 +461,7 @@ def write_reports(
 def combine_metrics_table(
     models: Mapping[str, Metrics], keys: Sequence[str] | None = None, digits: int = 3
 ) -> str:
-    """One Markdown table comparing several models: a row per model (e.g. f0, sft, dpo), a column per
+    """One Markdown table comparing several models: a row per model (e.g. before, sft, dpo), a column per
     score key (default: every single-model score any model has, in report order). ↑/↓ marks the better
     direction."""
     keys = list(keys) if keys is not None else _ordered_keys(*models.values())
@@ -544,12 +477,13 @@ def combine_metrics_table(
 # W&B
 
 
-def _flat_metrics(metrics: Metrics, prefix: str) -> dict[str, float]:
+def flat_metrics(metrics: Metrics, prefix: str = "test") -> dict[str, float]:
+    """The scores as ``{"<prefix>/after/<score>": value, "<prefix>/alignment/<score>": ...}``, as Lightning
+    and W&B log them; a NaN or missing score is left out."""
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         if isinstance(value, Mapping):
-            # the paired scores are already unambiguous keys
-            flat.update(_flat_metrics(value, prefix if key == "paired" else f"{prefix}/{key}"))
+            flat.update(flat_metrics(value, f"{prefix}/{key}"))
         elif (number := _number(value)) is not None:
             flat[f"{prefix}/{key}"] = number
     return flat
@@ -562,11 +496,12 @@ def log_to_wandb(
     image_path: str | os.PathLike | None = None,
     prefix: str = "test",
 ) -> None:
-    """Log the scores as W&B summary values (``<prefix>/<score>``, ``<prefix>/f0/<score>`` for a paired run),
-    the predictions as a ``wandb.Table`` (``<prefix>/predictions``; paired rows flattened to ``f0/...``
-    columns) and the chart as an image (``<prefix>/report``).
+    """Log the scores as W&B summary values (`flat_metrics`: ``<prefix>/after/<score>``,
+    ``<prefix>/before/<score>``, ``<prefix>/alignment/<score>``), the predictions as a ``wandb.Table``
+    (``<prefix>/predictions``; nested model fields flattened to ``before/...``, ``after/...`` columns) and the
+    chart as an image (``<prefix>/report``).
 
-    A NaN score is left out of the summary (W&B drops NaN summary values anyway); for the paired scores
+    A NaN score is left out of the summary (W&B drops NaN summary values anyway); for the alignment scores
     the zero denominator beside it says why.
 
     Takes a Lightning `WandbLogger` or a `wandb` run. Call it on rank 0 only: it logs whatever it is given.
@@ -574,8 +509,7 @@ def log_to_wandb(
     import wandb
 
     run = getattr(logger_or_run, "experiment", logger_or_run)
-    flat = _flat_metrics(metrics, prefix)
-    run.summary.update(flat)
+    run.summary.update(flat_metrics(metrics, prefix))
     payload: dict[str, Any] = {}
     if rows:
         flat_rows = [flatten_prediction(r) for r in rows]

@@ -90,6 +90,6 @@ def test_reduced_demo_chain(tmp_path):
     )
     _run("-m", "metrics.combine", "--out", str(out / "demo"), "--run", f"sft={sft}", cwd=ROOT)
     report = json.loads((out / "demo" / "report.json").read_text())
-    assert report["sft"]["unanswerable_accuracy"] > report["f0"]["unanswerable_accuracy"]
+    assert report["sft"]["unanswerable_accuracy"] > report["before"]["unanswerable_accuracy"]
     for name in ("predictions.jsonl", "metrics.json", "report.md", "report.png"):
         assert (sft / name).exists()

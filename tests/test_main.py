@@ -17,9 +17,8 @@ import pytest
 import torch
 import yaml
 
-from datamodules.answerability import read_predictions
-from datamodules.records import read_records
-from metrics.report import PAIRED_SCORE_KEYS, metrics_from_predictions, to_plain
+from datamodules.records import read_predictions, read_records
+from metrics.report import ALIGNMENT_SCORE_KEYS, metrics_from_predictions, to_plain
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -120,14 +119,15 @@ def test_predictions_become_dpo_rejected_responses(tmp_path, lora_dpo_run, cli_a
                                                     synthetic_data):
     """The paper's on-policy negatives: `predict` on the unanswerable training questions, then a DPO `fit`
     whose rejected responses are those predictions, joined on id."""
-    predictions = tmp_path / "f0_train"
+    predictions = tmp_path / "base_train"
     run_main(cli_args("predict", tmp_path / "unused", base=lora_dpo_run.base,
                       extra=[f"--model.init_args.output_dir={predictions}",
                              "--data.init_args.predict_file=train.jsonl",
                              "--data.init_args.predict_answerable=false",
                              "--data.init_args.eval_batch_size=16"]))
     records, _ = read_records(synthetic_data / "train.jsonl", synthetic_data)
-    responses = read_predictions(predictions / "predictions.jsonl")
+    rows = read_predictions(predictions / "predictions.jsonl", ("response",))
+    responses = {row["id"]: row["response"] for row in rows}
     assert set(responses) == {r.id for r in records if not r.answerable}
 
     rejected = predictions / "predictions.jsonl"
@@ -162,7 +162,7 @@ def check_report_against_predictions(out: Path) -> dict:
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     by_hand = metrics_from_predictions(out / "predictions.jsonl")
     written = json.loads((out / "metrics.json").read_text())
-    assert written.keys() == by_hand.keys() == {"f0", "f1", "paired"}
+    assert list(written) == list(by_hand) == ["before", "after", "alignment"]
     expected = to_plain(by_hand)
     for group in expected:
         assert written[group].keys() == expected[group].keys(), group
@@ -170,17 +170,18 @@ def check_report_against_predictions(out: Path) -> dict:
             assert written[group][key] == pytest.approx(value, abs=1e-6), f"{group}/{key}"
 
     table = md_table((out / "report.md").read_text())
-    for key in by_hand["f1"]:
-        assert table[key] == [fmt(by_hand["f0"].get(key)), fmt(by_hand["f1"][key])], key
-    for key in PAIRED_SCORE_KEYS:
-        denominator = int(by_hand["paired"][f"{key}/denominator"])
-        assert table[key] == [fmt(by_hand["paired"][key]), str(denominator)], key
+    for key in by_hand["after"]:
+        assert table[key] == [fmt(by_hand["before"].get(key)), fmt(by_hand["after"][key])], key
+    for key in ALIGNMENT_SCORE_KEYS:
+        denominator = int(by_hand["alignment"][f"{key}/denominator"])
+        assert table[key] == [fmt(by_hand["alignment"][key]), str(denominator)], key
     return by_hand
 
 
-def test_test_on_a_lora_checkpoint_scores_f0_and_f1(tmp_path, lora_dpo_run, cli_args, run_main,
-                                                    synthetic_data):
-    """One `test` run on the LoRA checkpoint scores the adapted model (f1) and, adapters disabled, f0."""
+def test_test_on_a_lora_checkpoint_scores_before_and_after(tmp_path, lora_dpo_run, cli_args, run_main,
+                                                          synthetic_data):
+    """One `test` run on the LoRA checkpoint scores the adapted model (after; the paper's f1) and, adapters
+    disabled, the model before alignment (before; f0)."""
     out = tmp_path / "test"
     cli = run_main(cli_args("test", lora_dpo_run.out, objective="dpo", base=lora_dpo_run.base, lora=True,
                             extra=[f"--model.init_args.output_dir={out}",
@@ -189,54 +190,60 @@ def test_test_on_a_lora_checkpoint_scores_f0_and_f1(tmp_path, lora_dpo_run, cli_
     records, _ = read_records(synthetic_data / "test.jsonl", synthetic_data)
     assert sorted(row["id"] for row in rows) == sorted(r.id for r in records)
     for row in rows:
-        assert {"id", "category", "answerable", "question", "gold", "missing_element", "f0", "f1"} <= set(row)
-        for model in ("f0", "f1"):
+        item_fields = {"id", "category", "answerable", "question", "gold", "missing_element"}
+        assert item_fields | {"before", "after"} <= set(row)
+        for model in ("before", "after"):
             assert set(row[model]) == {"response", "refused", "correct", "reason_ok", "refusal_likelihood"}
             assert isinstance(row[model]["refusal_likelihood"], float)
-    assert any(row["f0"]["refusal_likelihood"] != row["f1"]["refusal_likelihood"] for row in rows), \
-        "f0 is the model with its adapters disabled, not the adapted one"
+    assert any(row["before"]["refusal_likelihood"] != row["after"]["refusal_likelihood"] for row in rows), \
+        "before is the model with its adapters disabled, not the adapted one"
     meta = {r.id: r.meta for r in records}
     assert all((row["form"], row["objects"]) == (meta[row["id"]]["form"], meta[row["id"]]["objects"])
                for row in rows)
 
     by_hand = check_report_against_predictions(out)
-    assert "answerability_auroc" in by_hand["f0"] and "answerability_auroc" in by_hand["f1"]
-    assert "## Answerable accuracy by question form\n\n| form | clip | items | f0 | f1 |" in (
+    assert "answerability_auroc" in by_hand["before"] and "answerability_auroc" in by_hand["after"]
+    assert "## Answerable accuracy by question form\n\n| form | clip | items | before | after |" in (
         out / "report.md").read_text()
     logged = cli.trainer.callback_metrics
-    assert float(logged["test/f1/answerable_accuracy"]) == pytest.approx(by_hand["f1"]["answerable_accuracy"])
+    for model in ("before", "after"):
+        value = by_hand[model]["answerable_accuracy"]
+        assert float(logged[f"test/{model}/answerable_accuracy"]) == pytest.approx(value), model
+    denominator = by_hand["alignment"]["discretion/denominator"]
+    assert float(logged["test/alignment/discretion/denominator"]) == denominator
 
 
-def test_test_with_f0_from_a_predictions_file(tmp_path, lora_dpo_run, cli_args, run_main, synthetic_data):
-    """f0 given as a predictions file (joined on id), written to give every paired score a denominator: the
-    report's numbers are the hand-computed ones."""
+def test_test_with_before_from_a_predictions_file(tmp_path, lora_dpo_run, cli_args, run_main,
+                                                  synthetic_data):
+    """The model before alignment given as a predictions file (joined on id), written to give every alignment
+    score a denominator: the report's numbers are the hand-computed ones."""
     records, _ = read_records(synthetic_data / "test.jsonl", synthetic_data)
     answerable = [r for r in records if r.answerable]
     unanswerable = [r for r in records if not r.answerable]
     assert len(answerable) >= 3 and len(unanswerable) >= 2
     refusal = "The question is unanswerable because there is no {} in the video."
-    f0 = {answerable[0].id: answerable[0].answer, answerable[1].id: answerable[1].answer,
-          answerable[2].id: refusal.format("triangle"), unanswerable[0].id: refusal.format(
-              unanswerable[0].missing_element), unanswerable[1].id: "large"}
-    f0.update({r.id: "banana" for r in records if r.id not in f0})
-    f0_file = tmp_path / "f0.jsonl"
-    f0_file.write_text("".join(json.dumps({"id": i, "response": r}) + "\n" for i, r in f0.items()))
+    before = {answerable[0].id: answerable[0].answer, answerable[1].id: answerable[1].answer,
+              answerable[2].id: refusal.format("triangle"), unanswerable[0].id: refusal.format(
+                  unanswerable[0].missing_element), unanswerable[1].id: "large"}
+    before.update({r.id: "banana" for r in records if r.id not in before})
+    before_file = tmp_path / "before.jsonl"
+    before_file.write_text("".join(json.dumps({"id": i, "response": r}) + "\n" for i, r in before.items()))
 
     out = tmp_path / "test"
     run_main(cli_args("test", lora_dpo_run.out, objective="dpo", base=lora_dpo_run.base, lora=True,
                       extra=[f"--model.init_args.output_dir={out}",
-                             f"--model.init_args.f0_predictions={f0_file}",
+                             f"--model.init_args.before_predictions={before_file}",
                              f"--ckpt_path={lora_dpo_run.out / 'checkpoints' / 'last.ckpt'}"]))
     by_hand = check_report_against_predictions(out)
     n_a, n_u = len(answerable), len(unanswerable)
-    assert by_hand["f0"]["answerable_accuracy"] == pytest.approx(2 / n_a)
-    assert by_hand["f0"]["over_refusal_rate"] == pytest.approx(1 / n_a)
-    assert by_hand["f0"]["unanswerable_accuracy"] == pytest.approx(1 / n_u)
-    assert by_hand["f0"]["reason_accuracy"] == pytest.approx(1 / n_u)
-    paired = by_hand["paired"]
-    assert (paired["excessive_refusal/denominator"], paired["permissiveness/denominator"],
-            paired["discretion/denominator"]) == (2, 1, n_u - 1)
-    assert "answerability_auroc" not in by_hand["f0"], "no refusal likelihood for f0 from a file"
+    assert by_hand["before"]["answerable_accuracy"] == pytest.approx(2 / n_a)
+    assert by_hand["before"]["over_refusal_rate"] == pytest.approx(1 / n_a)
+    assert by_hand["before"]["unanswerable_accuracy"] == pytest.approx(1 / n_u)
+    assert by_hand["before"]["reason_accuracy"] == pytest.approx(1 / n_u)
+    alignment = by_hand["alignment"]
+    assert (alignment["excessive_refusal/denominator"], alignment["permissiveness/denominator"],
+            alignment["discretion/denominator"]) == (2, 1, n_u - 1)
+    assert "answerability_auroc" not in by_hand["before"], "no refusal likelihood for a model from a file"
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -348,8 +355,8 @@ def test_ddp_test_on_two_cpu_processes_scores_every_item_once(tmp_path, lora_dpo
     rows = [json.loads(line) for line in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
     assert sorted(row["id"] for row in rows) == ids
     one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
-    assert set(one) == set(two) == {"f0", "f1", "paired"}
+    assert set(one) == set(two) == {"before", "after", "alignment"}
     for group in one:
         assert two[group] == pytest.approx(one[group], abs=1e-6), group
-    unanswerable_not_refused_by_f0 = sum(not row["answerable"] and not row["f0"]["refused"] for row in rows)
-    assert one["paired"]["discretion/denominator"] == unanswerable_not_refused_by_f0
+    not_refused_before = sum(not row["answerable"] and not row["before"]["refused"] for row in rows)
+    assert one["alignment"]["discretion/denominator"] == not_refused_before

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from datamodules.perturb import Perturbation
-from datamodules.records import QARecord, atomic_write_text, summarize_records, write_jsonl, write_records
+from datamodules.records import QARecord, atomic_write, summarize_records, write_jsonl, write_records
 from datamodules.shapes.questions import (
     Fact,
     ShapesWriter,
@@ -129,7 +129,7 @@ def _check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
                 "use another --out folder or delete this one"
             )
     else:
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+        atomic_write(path, json.dumps(settings, indent=2) + "\n")
 
 
 def build_synthetic_dataset(
@@ -167,7 +167,7 @@ def build_synthetic_dataset(
     _check_manifest(out, {"generator_version": GENERATOR_VERSION, "seed": seed, "world": asdict(world)})
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
-    for stale in videos.glob(".*.tmp.mp4"):  # left by an interrupted render
+    for stale in videos.glob(".*.tmp"):  # left by an interrupted render (`atomic_write`)
         stale.unlink(missing_ok=True)
 
     scenes = [scene_for(seed, index, world) for index in range(num_videos)]

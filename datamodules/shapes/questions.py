@@ -15,8 +15,9 @@ from functools import lru_cache
 from typing import Any
 
 from datamodules.perturb import Perturbation
+from datamodules.records import REFUSAL_TEMPLATE
 from datamodules.shapes.world import COLOURS, MOTIONS, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene
-from datamodules.writers import REFUSAL_TEMPLATE, TemplateWriter, WrittenQuestion
+from datamodules.writers import TemplateWriter, WrittenQuestion
 
 RELATION_PHRASES = {
     "left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.records import atomic_write
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -253,22 +255,22 @@ def _separated(scene: Scene) -> bool:
 
 # ---------------------------------------------------------------------------------------------- writing
 def write_clip(frames: np.ndarray, path: str | Path, fps: int = 8) -> None:
-    """Encode (T, H, W, 3) uint8 frames to an mp4 file (MPEG-4 Part 2, high quality) with PyAV."""
+    """Encode (T, H, W, 3) uint8 frames to an mp4 file (MPEG-4 Part 2, high quality) with PyAV, atomically."""
     import av
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.mp4")
     height, width = frames.shape[1:3]
-    with av.open(str(temporary), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"qscale": "1"}
-        stream.bit_rate = 2_000_000
-        for array in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
-            for packet in stream.encode(frame):
+
+    def encode(handle) -> None:
+        with av.open(handle, mode="w", format="mp4") as container:
+            stream = container.add_stream("mpeg4", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"qscale": "1"}
+            stream.bit_rate = 2_000_000
+            for array in frames:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    temporary.replace(path)
+
+    atomic_write(path, encode)

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from datamodules.records import (
+    REFUSAL_OPENING,
+    REFUSAL_TEMPLATE,
     QARecord,
     RecordError,
-    atomic_write_text,
+    atomic_write,
     iter_records,
+    read_predictions,
     read_records,
     record_from_dict,
     summarize_records,
     write_jsonl,
+    write_predictions,
     write_records,
 )
 
@@ -235,7 +240,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_atomic_write_creates_folders_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "a" / "b" / "out.txt"
-    atomic_write_text(path, "hello\n")
+    atomic_write(path, "hello\n")
     assert path.read_text() == "hello\n" and _leftovers(path.parent) == []
 
 
@@ -262,8 +267,30 @@ def test_atomic_write_failed_rename_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
-        atomic_write_text(path, "new")
+        atomic_write(path, "new")
     assert path.read_text() == "old" and _leftovers(tmp_path) == []
+
+
+def test_atomic_write_takes_bytes_or_a_writer_and_a_failing_writer_keeps_the_old_file(tmp_path):
+    path = tmp_path / "clip.bin"
+    assert atomic_write(path, b"\x00\xffold") == path and path.read_bytes() == b"\x00\xffold"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask()), "the usual mode, not mkstemp's 0600"
+
+    def half_then_crash(handle):
+        handle.write(b"half")
+        raise RuntimeError("encoder died")
+
+    with pytest.raises(RuntimeError, match="encoder died"):
+        atomic_write(path, half_then_crash)
+    assert path.read_bytes() == b"\x00\xffold" and _leftovers(tmp_path) == []
+    atomic_write(path, lambda handle: handle.write(b"new"))
+    assert path.read_bytes() == b"new"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_write_jsonl_with_an_unserialisable_row_keeps_the_old_file(tmp_path):
@@ -289,3 +316,40 @@ def test_summarize_records():
 def test_to_json_matches_the_schema():
     record = QARecord(**unanswerable())
     assert json.loads(record.to_json()) == asdict(record)
+
+
+def test_refusal_opening_opens_the_gold_refusal():
+    assert REFUSAL_TEMPLATE.format(missing="red star").startswith(REFUSAL_OPENING + " because")
+
+
+def test_predictions_round_trip_with_nan_and_infinity(tmp_path):
+    path = tmp_path / "out" / "predictions.jsonl"
+    rows = [{"id": "a", "response": "red", "refusal_likelihood": float("nan")},
+            {"id": "b", "response": "no", "refusal_likelihood": float("-inf"), "after": {"score": 1.5}}]
+    assert write_predictions(path, rows) == 2
+    back = read_predictions(path, ("response",))
+    assert [row["id"] for row in back] == ["a", "b"]
+    assert back[0]["refusal_likelihood"] is None and back[1]["refusal_likelihood"] < -1e300
+    assert back[1]["after"] == {"score": 1.5}
+
+
+@pytest.mark.parametrize(
+    ("text", "required", "line", "field", "problem"),
+    [
+        ('{"id": "a", "response": "x"}\n{"id": \n', (), 2, None, "invalid JSON"),
+        ('{"id": "a"}\n\n["a"]\n', (), 3, None, "expected a JSON object"),
+        ('{"id": "a"}\n{"response": "x"}\n', (), 2, "id", "missing or not a string"),
+        ('{"id": " "}\n', (), 1, "id", "is empty"),
+        ('{"id": "a"}\n', ("response",), 1, "response", "missing or not a string"),
+        ('{"id": "a", "response": "x"}\n{"id": "a", "response": "y"}\n', (), 2, "id",
+         "duplicate id 'a' (first on line 1)"),
+    ],
+)
+def test_read_predictions_names_file_line_and_field(tmp_path, text, required, line, field, problem):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(text)
+    with pytest.raises(RecordError, match=re.escape(problem)) as error:
+        read_predictions(path, required)
+    assert (error.value.path, error.value.line, error.value.field) == (str(path), line, field)
+    with pytest.raises(RecordError, match="no such predictions file"):
+        read_predictions(tmp_path / "missing.jsonl")

@@ -7,8 +7,10 @@ shared fixtures are in tests/conftest.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +28,7 @@ from datamodules.answerability import (
 from datamodules.records import RecordError, read_records
 from datamodules.shapes.questions import template_vocabulary
 from datamodules.video import read_video
+from lightning_modules.alignment import warmup_cosine
 from lightning_modules.tiny import TINY_CHAT_TEMPLATE, TinyArchitecture, build_tiny_processor
 from lightning_modules.video_llm import VideoLLMConfig, load_video_llm
 
@@ -422,3 +425,42 @@ def test_resume_matches_uninterrupted_run(tmp_path, cli_args, run_main, tiny_bas
     assert any(not torch.allclose(halfway[n], straight[n]) for n in straight), "steps 3-4 moved the adapters"
     for name in straight:
         torch.testing.assert_close(final[name], straight[name], msg=name)
+
+
+# ------------------------------------------------------------------------------------- lr schedule
+def hand_written_factor(step: int, warmup_steps: int, total: int) -> float:
+    """The schedule AlignmentModule wrote by hand before it used transformers': linear warm-up from
+    1/(warmup + 1), then cosine decay to 0 at `total`."""
+    if step == 0:
+        return 1 / (warmup_steps + 1)
+    warmup = min(warmup_steps, total - 1)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@pytest.mark.parametrize(("warmup_steps", "total"), [(0, 10), (1, 4), (3, 10), (9, 10), (0, 1)])
+def test_warmup_cosine_is_the_hand_written_schedule(warmup_steps, total):
+    """transformers' get_cosine_schedule_with_warmup, one step ahead, gives the old factors at every step,
+    from the start and from a resumed step."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    scheduler = warmup_cosine(optimizer, warmup_steps, total)
+    for step in range(total):
+        expected = hand_written_factor(step, warmup_steps, total)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * expected, abs=1e-12), step
+        optimizer.step()
+        scheduler.step()
+    resumed = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    warmup_cosine(resumed, warmup_steps, total, step=total - 1)
+    expected = hand_written_factor(total - 1, warmup_steps, total)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(0.1 * expected, abs=1e-12)
+
+
+def test_fit_installs_the_schedule_at_the_first_step(lora_dpo_run):
+    """The 3-step LoRA DPO run: transformers' schedule, one step ahead of the optimizer steps taken."""
+    config = lora_dpo_run.cli.trainer.lr_scheduler_configs[0]
+    assert isinstance(config.scheduler.lr_lambdas[0], functools.partial)
+    assert config.scheduler.lr_lambdas[0].func.__module__ == "transformers.optimization"
+    assert config.scheduler.last_epoch == lora_dpo_run.cli.trainer.global_step + 1 == 4

@@ -15,8 +15,8 @@ import pytest
 import torch
 from tiny_families import EXTRA_WORDS, FAMILIES
 
-from datamodules.answerability import IGNORE_INDEX, REFUSAL_OPENING, ChatCollator, Example, ExampleDataset
-from datamodules.records import QARecord
+from datamodules.answerability import IGNORE_INDEX, ChatCollator, Example, ExampleDataset
+from datamodules.records import REFUSAL_OPENING, QARecord
 from datamodules.shapes.questions import template_vocabulary
 from datamodules.shapes.world import WorldConfig, sample_scene, write_clip
 from lightning_modules.alignment import MODEL_INPUTS, AlignmentModule

@@ -1,4 +1,5 @@
-"""Answerability torchmetrics against plain-Python references over random batches, edge cases, doctests."""
+"""Answerability torchmetrics, and the scores `metrics_from_predictions` recomputes from prediction rows,
+against plain-Python references over random batches; edge cases; doctests."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ import torch
 import metrics.answerability
 import metrics.judges
 import metrics.refusal
+from datamodules.records import CATEGORIES
 from metrics.answerability import (
-    CATEGORIES,
     HIGHER_IS_BETTER,
     AnswerabilityAUROC,
     AnswerabilityMetrics,
     PairedAnswerabilityMetrics,
     category_ids,
 )
+from metrics.report import metrics_from_predictions
 
 SINGLE_KEYS = {
     "answerable_accuracy",
@@ -71,16 +73,16 @@ def reference_single(items: list[dict]) -> dict[str, float]:
 def reference_paired(items: list[dict]) -> dict[str, float]:
     a = [i for i in items if i["answerable"]]
     u = [i for i in items if not i["answerable"]]
-    f0c = [i for i in a if i["f0_correct"]]
-    f0r = [i for i in a if i["f0_refused"]]
-    f0n = [i for i in u if not i["f0_refused"]]
+    before_c = [i for i in a if i["before_correct"]]
+    before_r = [i for i in a if i["before_refused"]]
+    before_n = [i for i in u if not i["before_refused"]]
     return {
-        "excessive_refusal": _div(sum(i["f1_refused"] for i in f0c), len(f0c)),
-        "excessive_refusal/denominator": len(f0c),
-        "permissiveness": _div(sum(i["f1_correct"] for i in f0r), len(f0r)),
-        "permissiveness/denominator": len(f0r),
-        "discretion": _div(sum(i["f1_refused"] for i in f0n), len(f0n)),
-        "discretion/denominator": len(f0n),
+        "excessive_refusal": _div(sum(i["after_refused"] for i in before_c), len(before_c)),
+        "excessive_refusal/denominator": len(before_c),
+        "permissiveness": _div(sum(i["after_correct"] for i in before_r), len(before_r)),
+        "permissiveness/denominator": len(before_r),
+        "discretion": _div(sum(i["after_refused"] for i in before_n), len(before_n)),
+        "discretion/denominator": len(before_n),
     }
 
 
@@ -102,19 +104,20 @@ def random_items(rng: random.Random, n: int, p_answerable: float = 0.5) -> list[
     items = []
     for _ in range(n):
         answerable = rng.random() < p_answerable
-        f0_refused, f1_refused = rng.random() < 0.4, rng.random() < 0.5
+        before_refused, after_refused = rng.random() < 0.4, rng.random() < 0.5
         items.append(
             {
                 "answerable": answerable,
                 "category": -1 if answerable else rng.choice([-1, 0, 1, 1, 2]),
-                "refused": f1_refused,
+                "refused": after_refused,
                 # the judge's invariants: correct answers are not refusals; unanswerable correct == refused
-                "correct": (not f1_refused and rng.random() < 0.6) if answerable else f1_refused,
-                "reason_ok": f1_refused and rng.random() < 0.7,
-                "f0_refused": f0_refused,
-                "f0_correct": (not f0_refused and rng.random() < 0.6) if answerable else f0_refused,
-                "f1_refused": f1_refused,
-                "f1_correct": (not f1_refused and rng.random() < 0.6) if answerable else f1_refused,
+                "correct": (not after_refused and rng.random() < 0.6) if answerable else after_refused,
+                "reason_ok": after_refused and rng.random() < 0.7,
+                "before_refused": before_refused,
+                "before_correct": (not before_refused and rng.random() < 0.6) if answerable
+                else before_refused,
+                "after_refused": after_refused,
+                "after_correct": (not after_refused and rng.random() < 0.6) if answerable else after_refused,
                 # ties on purpose: scores on a coarse grid
                 "score": round(rng.gauss(-2.0 + (0.0 if answerable else 0.8), 1.0), 1),
             }
@@ -180,7 +183,9 @@ def test_paired_metrics_match_reference(seed):
     metric = PairedAnswerabilityMetrics()
     for batch in split_batches(rng, items):
         t = tensors(batch)
-        metric.update(t["f0_refused"], t["f0_correct"], t["f1_refused"], t["f1_correct"], t["answerable"])
+        metric.update(
+            t["before_refused"], t["before_correct"], t["after_refused"], t["after_correct"], t["answerable"]
+        )
     assert_same(metric.compute(), reference_paired(items))
 
 
@@ -195,6 +200,52 @@ def test_auroc_matches_reference(seed):
     assert_same(metric.compute(), reference_auroc(items))
 
 
+def prediction_rows(items: list[dict], paired: bool) -> list[dict]:
+    """`random_items` as predictions.jsonl rows: the model after alignment answers as the items' refused,
+    correct and reason_ok say, the model before it as their before_* flags; the refusal likelihoods are the
+    items' scores (negated for the model before)."""
+    rows = []
+    for index, item in enumerate(items):
+        category = None if item["category"] < 0 else CATEGORIES[item["category"]]
+        after = {"response": "r", "refused": item["refused"], "correct": item["correct"],
+                 "reason_ok": item["reason_ok"], "refusal_likelihood": item["score"]}
+        row = {"id": f"i{index}", "answerable": item["answerable"], "category": category}
+        if paired:
+            before = {"response": "r", "refused": item["before_refused"], "correct": item["before_correct"],
+                      "reason_ok": False, "refusal_likelihood": -item["score"]}
+            rows.append({**row, "before": before, "after": after})
+        else:
+            rows.append({**row, **after})
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_from_predictions_match_reference(seed):
+    """The scores recomputed from prediction rows are the plain-Python references' (and so the classes')."""
+    rng = random.Random(400 + seed)
+    items = random_items(rng, rng.randint(20, 80), p_answerable=[0.5, 0.2, 0.8, 0.5, 1.0, 0.0][seed])
+    single = metrics_from_predictions(prediction_rows(items, paired=False))
+    assert list(single) == ["after"]
+    expected = {**reference_single(items), **reference_auroc(items)}
+    assert_same({k: torch.tensor(v) for k, v in single["after"].items()}, expected)
+
+    paired = metrics_from_predictions(prediction_rows(items, paired=True))
+    assert list(paired) == ["before", "after", "alignment"]
+    assert_same({k: torch.tensor(v) for k, v in paired["after"].items()}, expected)
+    before_items = [{**i, "refused": i["before_refused"], "correct": i["before_correct"], "reason_ok": False,
+                     "score": -i["score"]} for i in items]
+    assert_same({k: torch.tensor(v) for k, v in paired["before"].items()},
+                {**reference_single(before_items), **reference_auroc(before_items)})
+    after_items = [{**i, "after_correct": i["correct"]} for i in items]  # the rows' after/correct
+    assert_same({k: torch.tensor(v) for k, v in paired["alignment"].items()}, reference_paired(after_items))
+
+
+def test_metrics_from_predictions_without_likelihoods_has_no_auroc():
+    rows = prediction_rows(random_items(random.Random(7), 12), paired=False)
+    rows[3]["refusal_likelihood"] = None
+    assert not any("auroc" in key for key in metrics_from_predictions(rows)["after"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_metrics_on_a_gpu_match_reference():
@@ -206,7 +257,9 @@ def test_metrics_on_a_gpu_match_reference():
     for batch in split_batches(rng, items):
         t = {name: value.to("cuda") for name, value in tensors(batch).items()}
         single.update(t["refused"], t["correct"], t["answerable"], t["category"], t["reason_ok"])
-        paired.update(t["f0_refused"], t["f0_correct"], t["f1_refused"], t["f1_correct"], t["answerable"])
+        paired.update(
+            t["before_refused"], t["before_correct"], t["after_refused"], t["after_correct"], t["answerable"]
+        )
         auroc.update(t["score"], t["answerable"], t["category"])
     references = ((single, reference_single), (paired, reference_paired), (auroc, reference_auroc))
     for metric, reference in references:
@@ -224,6 +277,11 @@ def test_auroc_extremes_and_without_category():
     metric.update(torch.tensor([-1.0, -1.0, float("-inf")]), torch.tensor([False, True, True]))
     assert metric.compute()["answerability_auroc"].item() == pytest.approx(0.75)
     assert math.isnan(AnswerabilityAUROC().compute()["answerability_auroc"].item())
+    # Scores far outside [0, 1] keep their order: unanswerable 50 > answerable 40 and -200 > -300 count as
+    # wins (a sigmoid would tie both pairs in floating point: 0.5).
+    metric = AnswerabilityAUROC()
+    metric.update(torch.tensor([40.0, 50.0, -300.0, -200.0]), torch.tensor([True, False, True, False]))
+    assert metric.compute()["answerability_auroc"].item() == 0.75
     with pytest.raises(ValueError, match="NaN"):
         AnswerabilityAUROC().update(torch.tensor([float("nan")]), torch.tensor([True]))
 

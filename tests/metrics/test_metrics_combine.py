@@ -1,4 +1,5 @@
-"""The demo's combined report: f0 from the first run, each aligned model's f1 and paired scores."""
+"""The demo's combined report: the model before alignment from the first run, each aligned model's after and
+alignment scores."""
 
 import json
 import math
@@ -8,22 +9,23 @@ import pytest
 from metrics.combine import TABLE_KEYS, combine, main, write_combined
 
 
-def _write_run(folder, f0_acc, f1_acc, discretion):
+def _write_run(folder, before_accuracy, after_accuracy, discretion):
     folder.mkdir(parents=True)
     metrics = {
-        "f0": {"answerable_accuracy": f0_acc, "unanswerable_accuracy/object": 0.1},
-        "f1": {"answerable_accuracy": f1_acc, "unanswerable_accuracy/object": 0.9},
-        "paired": {"excessive_refusal": 0.05, "permissiveness": None, "discretion": discretion},
+        "before": {"answerable_accuracy": before_accuracy, "unanswerable_accuracy/object": 0.1},
+        "after": {"answerable_accuracy": after_accuracy, "unanswerable_accuracy/object": 0.9},
+        "alignment": {"excessive_refusal": 0.05, "permissiveness": None, "discretion": discretion},
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
-def test_combine_takes_f0_from_the_first_run_and_keeps_nan(tmp_path):
+def test_combine_takes_before_from_the_first_run_and_keeps_nan(tmp_path):
     _write_run(tmp_path / "sft", 0.8, 0.78, 0.9)
-    _write_run(tmp_path / "dpo", 0.8, 0.79, 0.7)
+    _write_run(tmp_path / "dpo", 0.81, 0.79, 0.7)
     report = combine({"sft": tmp_path / "sft", "dpo": tmp_path / "dpo"}, seconds=12.0)
-    assert list(report) == ["f0", "sft", "dpo", "seconds"]
-    assert report["f0"]["answerable_accuracy"] == 0.8
+    assert list(report) == ["before", "sft", "dpo", "seconds"]
+    assert report["before"]["answerable_accuracy"] == 0.8
+    assert report["sft"]["answerable_accuracy"] == 0.78 and report["dpo"]["answerable_accuracy"] == 0.79
     assert report["sft"]["discretion"] == 0.9 and report["dpo"]["discretion"] == 0.7
     assert math.isnan(report["sft"]["permissiveness"])
     table = write_combined(tmp_path / "out", report)
@@ -31,16 +33,16 @@ def test_combine_takes_f0_from_the_first_run_and_keeps_nan(tmp_path):
     assert saved["sft"]["permissiveness"] is None and saved["seconds"] == 12.0
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
     assert table.splitlines()[0].count("|") == len(TABLE_KEYS) + 2
-    assert "| sft |" in table
+    assert "| sft |" in table and "| before |" in table
 
 
 def test_cli_errors_name_the_run(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "o"), "--run", f"sft={tmp_path / 'missing'}"]) == 2
     assert "missing" in capsys.readouterr().err
     (tmp_path / "single").mkdir()
-    (tmp_path / "single" / "metrics.json").write_text(json.dumps({"answerable_accuracy": 1.0}))
+    (tmp_path / "single" / "metrics.json").write_text(json.dumps({"after": {"answerable_accuracy": 1.0}}))
     assert main(["--out", str(tmp_path / "o"), "--run", f"x={tmp_path / 'single'}"]) == 2
-    assert "not a paired report" in capsys.readouterr().err
+    assert "no scores before alignment" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seconds", [None, 5.0])

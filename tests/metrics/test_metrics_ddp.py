@@ -30,8 +30,8 @@ def make_items(seed: int = 7, n: int = 61) -> dict[str, torch.Tensor]:
         "refused": torch.tensor([rng.random() < 0.5 for _ in range(n)]),
         "correct": torch.tensor([rng.random() < 0.5 for _ in range(n)]),
         "reason_ok": torch.tensor([rng.random() < 0.5 for _ in range(n)]),
-        "f0_refused": torch.tensor([rng.random() < 0.4 for _ in range(n)]),
-        "f0_correct": torch.tensor([rng.random() < 0.5 for _ in range(n)]),
+        "before_refused": torch.tensor([rng.random() < 0.4 for _ in range(n)]),
+        "before_correct": torch.tensor([rng.random() < 0.5 for _ in range(n)]),
         "score": torch.tensor([round(rng.gauss(0, 1), 1) for _ in range(n)]),
     }
 
@@ -45,7 +45,7 @@ def run_metrics(items: dict[str, torch.Tensor], batches: list[tuple[int, int]]) 
     for start, end in batches:
         t = {k: v[start:end] for k, v in items.items()}
         single.update(t["refused"], t["correct"], t["answerable"], t["category"], t["reason_ok"])
-        paired.update(t["f0_refused"], t["f0_correct"], t["refused"], t["correct"], t["answerable"])
+        paired.update(t["before_refused"], t["before_correct"], t["refused"], t["correct"], t["answerable"])
         auroc.update(t["score"], t["answerable"], t["category"])
     out = {}
     for metric in (single, paired, auroc):

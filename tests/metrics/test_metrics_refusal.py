@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from metrics.refusal import REFUSAL_OPENING, content_tokens, is_refusal, reason_ok
+from datamodules.records import REFUSAL_OPENING
+from metrics.refusal import content_tokens, is_refusal, reason_ok
 from metrics.refusal_eval import UVQA_FILES, load_cases, load_uvqa_refusals, main, precision_recall
 
 CASES = Path(__file__).with_name("refusal_cases.tsv")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from datamodules import records
+from datamodules.records import RecordError, read_predictions, write_predictions
 from metrics import report
 from metrics.answerability import (
     AnswerabilityAUROC,
@@ -22,14 +24,13 @@ from metrics.answerability import (
 from metrics.judges import ExactMatchJudge, JudgeItem, Judgement
 from metrics.report import (
     combine_metrics_table,
+    flat_metrics,
     format_report,
     log_to_wandb,
     metrics_from_predictions,
-    paired_metrics,
     paired_rows,
     prediction_row,
-    read_predictions,
-    write_predictions,
+    report_metrics,
     write_reports,
 )
 
@@ -117,10 +118,10 @@ def torchmetrics_paired(rows: list[dict]) -> dict[str, torch.Tensor]:
     metric = PairedAnswerabilityMetrics()
     t = lambda model, key: torch.tensor([r[model][key] for r in rows])  # noqa: E731
     metric.update(
-        t("f0", "refused"),
-        t("f0", "correct"),
-        t("f1", "refused"),
-        t("f1", "correct"),
+        t("before", "refused"),
+        t("before", "correct"),
+        t("after", "refused"),
+        t("after", "correct"),
         torch.tensor([r["answerable"] for r in rows]),
     )
     return metric.compute()
@@ -151,14 +152,14 @@ def same(a, b) -> bool:
 @pytest.fixture
 def paired_run():
     records = make_records()
-    f0, f1 = model_rows(records, seed=1), model_rows(records, seed=2)
-    random.Random(3).shuffle(f0)  # joined on id, never by row order
-    return paired_rows(f0, f1)
+    before, after = model_rows(records, seed=1), model_rows(records, seed=2)
+    random.Random(3).shuffle(before)  # joined on id, never by row order
+    return paired_rows(before, after)
 
 
 def test_single_model_reports_agree_with_predictions_and_torchmetrics(tmp_path):
     rows = model_rows(make_records(), seed=1)
-    paths = write_reports(tmp_path, rows, metrics=torchmetrics_scores(rows))
+    paths = write_reports(tmp_path, rows, metrics=report_metrics(torchmetrics_scores(rows)))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "metrics.json",
         "predictions.jsonl",
@@ -170,10 +171,14 @@ def test_single_model_reports_agree_with_predictions_and_torchmetrics(tmp_path):
     by_hand = metrics_from_predictions(tmp_path / "predictions.jsonl")
     assert len(read_predictions(paths["predictions"])) == len(rows)
     stored = json.loads(paths["metrics"].read_text())
+    assert set(stored) == set(by_hand) == {"after"}
+    stored, by_hand = stored["after"], by_hand["after"]
     assert set(stored) == set(by_hand)
     assert all(same(stored[k], by_hand[k]) for k in by_hand), {k: (stored[k], by_hand[k]) for k in by_hand}
 
-    table = parse_report_md(paths["report_md"].read_text())
+    text = paths["report_md"].read_text()
+    assert "| score | better | after |" in text and "## Alignment" not in text
+    table = parse_report_md(text)
     assert set(by_hand) <= set(table)
     for key, value in by_hand.items():
         assert close(table[key][-1], value), (key, table[key], value)
@@ -181,39 +186,43 @@ def test_single_model_reports_agree_with_predictions_and_torchmetrics(tmp_path):
 
 def test_paired_reports_agree_with_predictions_and_torchmetrics(tmp_path, paired_run):
     rows = paired_run
-    metrics = paired_metrics(
-        torchmetrics_scores([{**r, **r["f0"]} for r in rows]),
-        torchmetrics_scores([{**r, **r["f1"]} for r in rows]),
-        torchmetrics_paired(rows),
+    metrics = report_metrics(
+        after=torchmetrics_scores([{**r, **r["after"]} for r in rows]),
+        before=torchmetrics_scores([{**r, **r["before"]} for r in rows]),
+        alignment=torchmetrics_paired(rows),
     )
-    paths = write_reports(tmp_path, rows, metrics=metrics, title="f0 vs f1")
+    paths = write_reports(tmp_path, rows, metrics=metrics, title="before vs after")
     lines = paths["predictions"].read_text().splitlines()
     first = json.loads(lines[0])
-    assert set(first) == {*report.ITEM_FIELDS, "f0", "f1"} and set(first["f0"]) == set(report.MODEL_FIELDS)
+    assert set(first) == {*report.ITEM_FIELDS, "before", "after"}
+    assert set(first["before"]) == set(first["after"]) == set(report.MODEL_FIELDS)
 
     by_hand = metrics_from_predictions(paths["predictions"])
     stored = json.loads(paths["metrics"].read_text())
-    for part in ("f0", "f1", "paired"):
+    assert list(stored) == list(by_hand) == ["before", "after", "alignment"]
+    for part in by_hand:
+        assert set(stored[part]) == set(by_hand[part]), part
         assert all(same(stored[part][k], by_hand[part][k]) for k in by_hand[part]), part
 
     text = paths["report_md"].read_text()
-    assert text.startswith("# f0 vs f1") and "| score | better | f0 | f1 |" in text
+    assert text.startswith("# before vs after") and "| score | better | before | after |" in text
     table = parse_report_md(text)
-    for key in by_hand["f0"]:
-        assert close(table[key][1], by_hand["f0"][key]) and close(table[key][2], by_hand["f1"][key]), key
-    for key in report.PAIRED_SCORE_KEYS:
+    for key in by_hand["after"]:
+        assert close(table[key][1], by_hand["before"][key]), key
+        assert close(table[key][2], by_hand["after"][key]), key
+    for key in report.ALIGNMENT_SCORE_KEYS:
         better, value, denominator = table[key]
-        assert close(value, by_hand["paired"][key]), key
-        assert int(denominator) == by_hand["paired"][f"{key}/denominator"]
+        assert close(value, by_hand["alignment"][key]), key
+        assert int(denominator) == by_hand["alignment"][f"{key}/denominator"]
     assert paths["report_png"].stat().st_size > 1000
 
 
 def test_metrics_json_writes_nan_as_null_and_report_shows_nan(tmp_path):
-    metrics = {"answerable_accuracy": torch.tensor(float("nan")), "overall_accuracy": torch.tensor(0.25)}
+    scores = {"answerable_accuracy": torch.tensor(float("nan")), "overall_accuracy": torch.tensor(0.25)}
+    metrics = {"after": scores}
     report.write_metrics_json(tmp_path / "metrics.json", metrics)
     assert json.loads((tmp_path / "metrics.json").read_text()) == {
-        "answerable_accuracy": None,
-        "overall_accuracy": 0.25,
+        "after": {"answerable_accuracy": None, "overall_accuracy": 0.25}
     }
     table = parse_report_md(format_report(metrics))
     assert table["answerable_accuracy"] == ["higher", "NaN"] and table["overall_accuracy"] == [
@@ -241,9 +250,9 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", crash)
+    monkeypatch.setattr(records.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        report.write_report_md(target, {"overall_accuracy": 0.5})
+        report.write_report_md(target, {"after": {"overall_accuracy": 0.5}})
     assert target.read_text() == "old report\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left behind
 
@@ -258,49 +267,58 @@ def test_report_gives_answerable_accuracy_by_question_form_and_object_count():
 
     # colour on 1-object clips: 2 of 2 right; on 2+ object clips 1 of 3 (a 3-object clip counts as 2+);
     # where: 0 of 1; the unanswerable item and the item without a form are not in the table.
-    f1 = [row("a", "colour", 1, True), row("b", "colour", 1, True), row("c", "colour", 2, True),
-          row("d", "colour", 2, False), row("e", "colour", 3, False), row("f", "where", 2, False),
-          row("g", "colour", 2, False, answerable=False), row("h", None, None, True)]
-    text = format_report(metrics_from_predictions(f1), rows=f1)
+    after = [row("a", "colour", 1, True), row("b", "colour", 1, True), row("c", "colour", 2, True),
+             row("d", "colour", 2, False), row("e", "colour", 3, False), row("f", "where", 2, False),
+             row("g", "colour", 2, False, answerable=False), row("h", None, None, True)]
+    text = format_report(metrics_from_predictions(after), rows=after)
     section = text.split("## Answerable accuracy by question form")[1]
+    assert "| form | clip | items | after |" in section
     assert "| colour | 1 object | 2 | 1.000 |" in section
     assert "| colour | 2+ objects | 3 | 0.333 |" in section
     assert "| where | 2+ objects | 1 | 0.000 |" in section
     assert section.count("\n| ") == 4  # the header and three groups
 
-    f0 = [{**r, "correct": not r["correct"]} for r in f1]
-    paired = paired_rows(f0, f1)
+    before = [{**r, "correct": not r["correct"]} for r in after]
+    paired = paired_rows(before, after)
     assert {r["form"] for r in paired} == {"colour", "where", None} and paired[0]["objects"] == 1
     section = format_report(metrics_from_predictions(paired), rows=paired).split("by question form")[1]
-    assert "| form | clip | items | f0 | f1 |" in section
+    assert "| form | clip | items | before | after |" in section
     assert "| colour | 2+ objects | 3 | 0.667 | 0.333 |" in section
-    assert "by question form" not in format_report(metrics_from_predictions(f1[-1:]), rows=f1[-1:])
+    assert "by question form" not in format_report(metrics_from_predictions(after[-1:]), rows=after[-1:])
 
 
 def test_paired_rows_join_on_id_and_name_the_missing_id():
-    f0 = [{"id": "a", "answerable": True, "response": "x"}, {"id": "b", "answerable": False, "response": "y"}]
-    f1 = [{"id": "b", "answerable": False, "response": "z"}, {"id": "a", "answerable": True, "response": "w"}]
-    joined = paired_rows(f0, f1)
-    assert [(r["id"], r["f0"]["response"], r["f1"]["response"]) for r in joined] == [
+    before = [{"id": "a", "answerable": True, "response": "x"},
+              {"id": "b", "answerable": False, "response": "y"}]
+    after = [{"id": "b", "answerable": False, "response": "z"},
+             {"id": "a", "answerable": True, "response": "w"}]
+    joined = paired_rows(before, after)
+    assert [(r["id"], r["before"]["response"], r["after"]["response"]) for r in joined] == [
         ("b", "y", "z"),
         ("a", "x", "w"),
     ]
-    with pytest.raises(ValueError, match="f0 predictions: field 'id': no prediction for id 'c'"):
-        paired_rows(f0, f1 + [{"id": "c"}])
+    with pytest.raises(ValueError, match="before predictions: field 'id': no prediction for id 'c'"):
+        paired_rows(before, after + [{"id": "c"}])
     with pytest.raises(ValueError, match="duplicate id 'a'"):
-        paired_rows(f0 + f0[:1], f1)
+        paired_rows(before + before[:1], after)
 
 
 def test_read_predictions_names_the_bad_line(tmp_path):
     path = tmp_path / "predictions.jsonl"
     path.write_text('{"id": "a"}\n{"id": \n')
-    with pytest.raises(ValueError, match=r"predictions.jsonl, line 2"):
+    with pytest.raises(RecordError, match=r"predictions.jsonl, line 2"):
         read_predictions(path)
+
+
+def test_metrics_from_predictions_names_a_row_without_judgements():
+    """A `predict` file (id and response only) is not a `test` file: one error naming the item and field."""
+    with pytest.raises(ValueError, match=r"prediction 'a': field 'answerable': expected true or false"):
+        metrics_from_predictions([{"id": "a", "response": "red"}])
 
 
 def test_combine_metrics_table():
     models = {
-        "f0": {"answerable_accuracy": 0.5, "over_refusal_rate": 0.1, "unanswerable_accuracy": 0.0},
+        "before": {"answerable_accuracy": 0.5, "over_refusal_rate": 0.1, "unanswerable_accuracy": 0.0},
         "sft": {
             "answerable_accuracy": torch.tensor(0.45),
             "over_refusal_rate": 0.2,
@@ -315,7 +333,7 @@ def test_combine_metrics_table():
     assert lines[0] == "| model | answerable_accuracy ↑ | over_refusal_rate ↓ | unanswerable_accuracy ↑ |"
     assert lines[3] == "| sft | 0.450 | 0.200 | 0.800 |"
     assert lines[4] == "| dpo | 0.480 | NaN | NaN |"
-    assert re.search(r"\| f0 \| 0\.500", text)
+    assert re.search(r"\| before \| 0\.500", text)
     assert "answerable_accuracy" in combine_metrics_table(models)  # default columns
 
 
@@ -333,13 +351,17 @@ def test_log_to_wandb_offline(tmp_path, monkeypatch, paired_run):
     try:
         log_to_wandb(logger, metrics, rows=paired_run, image_path=paths["report_png"])
         summary = dict(run.summary)
-        f1_accuracy = metrics["f1"]["answerable_accuracy"]
-        assert summary["test/f1/answerable_accuracy"] == pytest.approx(f1_accuracy)
-        assert summary["test/discretion/denominator"] == metrics["paired"]["discretion/denominator"]
+        for model in ("before", "after"):
+            accuracy = metrics[model]["answerable_accuracy"]
+            assert summary[f"test/{model}/answerable_accuracy"] == pytest.approx(accuracy)
+        denominator = metrics["alignment"]["discretion/denominator"]
+        assert summary["test/alignment/discretion/denominator"] == denominator
+        assert set(summary) >= set(flat_metrics(metrics, "test"))
     finally:
         run.finish()
     media = {p.parent.name + "/" + p.name.split("_")[0] for p in Path(run.dir).rglob("*") if p.is_file()}
     assert "test/predictions" in media and "test/report" in media, media
     table_file = next(Path(run.dir).rglob("predictions_*.table.json"))
     table = json.loads(table_file.read_text())
-    assert "f0/response" in table["columns"] and len(table["data"]) == len(paired_run)
+    assert {"before/response", "after/response"} <= set(table["columns"])
+    assert len(table["data"]) == len(paired_run)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from datamodules.records import CATEGORIES, read_records
+from datamodules.records import CATEGORIES, REFUSAL_TEMPLATE, read_records
 from datamodules.shapes.dataset import (
     SPLITS,
     SyntheticDatasetError,
@@ -18,7 +18,6 @@ from datamodules.shapes.dataset import (
 from datamodules.shapes.questions import describe_scene, split_words, template_vocabulary
 from datamodules.shapes.world import Scene
 from datamodules.video import read_video
-from datamodules.writers import REFUSAL_TEMPLATE
 
 SMALL = dict(frames=4, size=48, fps=4, progress=False)
 
@@ -142,7 +141,7 @@ def test_rebuilding_is_idempotent_and_resumes(built, tmp_path):
     assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
     # An interrupted run: one clip missing, a temporary file left behind.
     clip.unlink()
-    (out / "videos" / ".v000005.mp4.tmp.mp4").write_bytes(b"partial")
+    (out / "videos" / ".v000005.mp4.k3x9q1.tmp").write_bytes(b"partial")
     summary = build_synthetic_dataset(out, 20, seed=3, **SMALL)
     assert summary["rendered"] == 1 and clip.is_file()
     assert not list((out / "videos").glob(".*"))

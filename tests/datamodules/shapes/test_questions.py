@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from datamodules.perturb import Perturbation
+from datamodules.records import REFUSAL_TEMPLATE
 from datamodules.shapes.questions import (
     FORMS,
     REF_KINDS,
@@ -34,7 +35,6 @@ from datamodules.shapes.questions import (
     verify_items,
 )
 from datamodules.shapes.world import Scene, SceneObject, WorldConfig, sample_scene
-from datamodules.writers import REFUSAL_TEMPLATE
 
 WORLD = WorldConfig()
 
