@@ -41,7 +41,8 @@ def synthetic_records(num_videos: int = 40, seed: int = 0) -> list[Any]:
     world = WorldConfig()
     records = []
     for index in range(num_videos):
-        records += scene_records(scene_for(seed, index, world), f"v{index:06d}.mp4", f"v{index:06d}", seed, index)
+        name = f"v{index:06d}"
+        records += scene_records(scene_for(seed, index, world), f"{name}.mp4", name, seed, index)
     return records
 
 
