@@ -160,16 +160,15 @@ class AlignmentModule(L.LightningModule):
             label_smoothing=self.hparams.label_smoothing,
         )
         loss = dpo_with_sft(losses, logps[:half], counts[:half], self.hparams.sft_weight)
-        values = {
+        values = {  # TRL's DPO names under the stage: train/rewards/margins, val/logps/chosen
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
-            "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "logps/chosen": logps[:half].detach().mean(),
             "logps/rejected": logps[half:].detach().mean(),
         }
-        if stage != "train":
-            values = {f"{stage}_{k}": v for k, v in values.items()}  # e.g. val_rewards/margin
+        values = {f"{stage}/{k}": v for k, v in values.items()}
         self.log_dict(values, prog_bar=False, batch_size=half, sync_dist=stage != "train")
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=half, sync_dist=stage != "train")
         return loss

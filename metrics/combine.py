@@ -3,7 +3,8 @@
 `python -m metrics.combine --out DIR --run sft=RUN_DIR --run dpo=RUN_DIR [--seconds N]` reads each run's
 metrics.json with the model before alignment (the paper's f0) and after it (f1), takes the model before from
 the first run, and writes `report.json` (`{"before": {...}, "sft": {...}, "dpo": {...}, "seconds": N}`),
-`report.md` and `report.png` into DIR. A run's row holds its after scores and its alignment scores.
+`report.md` and the figures (`report.png`, `tradeoff.png`, `roc.png`, `by_form.png`, see `metrics.figures`)
+into DIR. A run's row holds its after scores and its alignment scores.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.records import atomic_write
+from metrics.figures import evaluation_from_combined, write_figures
 from metrics.report import ALIGNMENT, combine_metrics_table
 
 TABLE_KEYS = (
@@ -65,36 +67,11 @@ def combine(runs: Mapping[str, str | Path], seconds: float | None = None) -> dic
     return report
 
 
-def _plot(report: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = [k for k in report if k != "seconds"]
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    width = 0.8 / len(models)
-    for index, model in enumerate(models):
-        values = [report[model].get(key, float("nan")) for key in TABLE_KEYS]
-        positions = [i + index * width for i in range(len(TABLE_KEYS))]
-        ax.bar(positions, [0 if math.isnan(v) else v for v in values], width, label=model)
-    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(TABLE_KEYS))])
-    ax.set_xticklabels(
-        [k.replace("unanswerable_accuracy/", "unans. acc. ") for k in TABLE_KEYS],
-        rotation=30,
-        ha="right",
-        fontsize=8,
-    )
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    ax.set_title("Answerability before and after alignment")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-
-
-def write_combined(out_dir: str | Path, report: Mapping[str, Any]) -> str:
-    """Write report.json, report.md, report.png; returns the Markdown table."""
+def write_combined(
+    out_dir: str | Path, report: Mapping[str, Any], runs: Mapping[str, str | Path] | None = None
+) -> str:
+    """Write report.json, report.md and the figures of `metrics.figures` (report.png, tradeoff.png, and with
+    the runs' predictions.jsonl from `runs`, roc.png and by_form.png); returns the Markdown table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plain = {
@@ -110,7 +87,7 @@ def write_combined(out_dir: str | Path, report: Mapping[str, Any]) -> str:
     seconds = report.get("seconds")
     footer = f"\nWhole demo: {seconds:.0f} s.\n" if seconds is not None else ""
     atomic_write(out / "report.md", table + footer)
-    _plot(report, out / "report.png")
+    write_figures(out, evaluation_from_combined(report, runs))
     return table
 
 
@@ -128,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = dict(item.split("=", 1) for item in args.run)
-        table = write_combined(args.out, combine(runs, args.seconds))
+        table = write_combined(args.out, combine(runs, args.seconds), runs)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ from metrics.answerability import (
     category_ids,
 )
 from metrics.judges import Judgement
+from metrics.names import ALIGNMENT, MODELS
 
 __all__ = [
     "ALIGNMENT",
@@ -68,10 +69,6 @@ __all__ = [
     "write_reports",
 ]
 
-MODELS: tuple[str, ...] = ("before", "after")
-"""The models of a run in report order: before alignment (the paper's f0) and after it (f1)."""
-ALIGNMENT = "alignment"
-"""The group of the scores of the step from `before` to `after` (Excessive Refusal, ...)."""
 
 ITEM_FIELDS: tuple[str, ...] = (
     "id", "category", "answerable", "question", "gold", "missing_element", "form", "objects"
@@ -382,57 +379,18 @@ def write_report_md(
     return atomic_write(path, format_report(metrics, title=title, rows=rows))
 
 
-def write_report_png(path: str | os.PathLike, metrics: Metrics, title: str = "Answerability report") -> Path:
-    """A bar chart per score (before and after side by side when both were scored, plus the alignment scores),
-    with the Agg canvas directly (no pyplot state, no display needed), written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def write_report_png(
+    path: str | os.PathLike,
+    metrics: Metrics,
+    title: str = "Answerability report",
+    rows: Sequence[Mapping[str, Any]] | None = None,
+) -> Path:
+    """Every score as a labelled bar, higher-is-better and lower-is-better apart (`metrics.figures`), with
+    the denominators of undefined scores from `rows`; written atomically."""
+    from metrics.figures import evaluation_from_test, scores_figure
 
-    series = {model: metrics[model] for model in _models(metrics)}
-    keys = _ordered_keys(*series.values())
-    scores = metrics.get(ALIGNMENT) or {}
-    alignment = {k: scores[k] for k in ALIGNMENT_SCORE_KEYS if k in scores}
-
-    panels = 2 if alignment else 1
-    fig = Figure(figsize=(max(8.0, 0.6 * len(keys) + 3), 4.5 * panels), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
-    width = 0.8 / len(series)
-    colors = {"before": "#8c8c8c", "after": "#1f77b4"}
-    for j, (name, values) in enumerate(series.items()):
-        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(keys))]
-        heights = [_number(values.get(k)) for k in keys]
-        axes[0].bar(xs, [h or 0.0 for h in heights], width, label=name, color=colors[name])
-        for x, h in zip(xs, heights, strict=True):
-            axes[0].text(
-                x, (h or 0.0) + 0.01, "NaN" if h is None else f"{h:.2f}", ha="center", va="bottom", fontsize=7
-            )
-    axes[0].set_xticks(
-        range(len(keys)),
-        [f"{k} ({'+' if HIGHER_IS_BETTER.get(k, True) else '-'})" for k in keys],
-        rotation=40,
-        ha="right",
-        fontsize=8,
-    )
-    axes[0].set_ylim(0, 1.12)
-    axes[0].set_title(title + ("  (before / after alignment; + higher is better, - lower)"
-                               if len(series) > 1 else ""))
-    if len(series) > 1:
-        axes[0].legend(loc="upper right")
-    if alignment:
-        names = list(alignment)
-        heights = [_number(alignment[k]) for k in names]
-        axes[1].bar(range(len(names)), [h or 0.0 for h in heights], 0.5, color="#2ca02c")
-        for i, (key, h) in enumerate(zip(names, heights, strict=True)):
-            denominator = _number(scores.get(f"{key}/denominator"))
-            label = ("NaN" if h is None else f"{h:.2f}") + (
-                "" if denominator is None else f"  (n={int(denominator)})"
-            )
-            axes[1].text(i, (h or 0.0) + 0.01, label, ha="center", va="bottom", fontsize=8)
-        axes[1].set_xticks(range(len(names)), [f"{k} ({'+' if HIGHER_IS_BETTER[k] else '-'})" for k in names])
-        axes[1].set_ylim(0, 1.12)
-        axes[1].set_title("Alignment (before -> after)")
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    fig = scores_figure(evaluation_from_test(metrics, rows, title=title))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
 
 
 def write_reports(
@@ -441,21 +399,26 @@ def write_reports(
     metrics: Metrics | None = None,
     title: str = "Answerability report",
 ) -> dict[str, Path]:
-    """Write predictions.jsonl, metrics.json, report.md and report.png into `out_dir`.
+    """Write predictions.jsonl, metrics.json, report.md and the figures of `metrics.figures` (report.png,
+    tradeoff.png, roc.png, by_form.png: those with something to show) into `out_dir`.
 
     `metrics` defaults to `metrics_from_predictions(rows)`; pass the torchmetrics results to report those.
-    Returns the four paths by name ("predictions", "metrics", "report_md", "report_png").
+    Returns the paths by name ("predictions", "metrics", "report_md", "report_png", "<figure>_png").
     """
+    from metrics.figures import evaluation_from_test, write_figures
+
     out_dir = Path(out_dir)
     rows = list(rows)
     metrics = metrics_from_predictions(rows) if metrics is None else metrics
     write_predictions(out_dir / "predictions.jsonl", rows)
-    return {
+    paths = {
         "predictions": out_dir / "predictions.jsonl",
         "metrics": write_metrics_json(out_dir / "metrics.json", metrics),
         "report_md": write_report_md(out_dir / "report.md", metrics, title=title, rows=rows),
-        "report_png": write_report_png(out_dir / "report.png", metrics, title=title),
     }
+    figures = write_figures(out_dir, evaluation_from_test(metrics, rows, title=title))
+    paths.update({f"{'report' if name == 'scores' else name}_png": path for name, path in figures.items()})
+    return paths
 
 
 def combine_metrics_table(
@@ -498,8 +461,9 @@ def log_to_wandb(
 ) -> None:
     """Log the scores as W&B summary values (`flat_metrics`: ``<prefix>/after/<score>``,
     ``<prefix>/before/<score>``, ``<prefix>/alignment/<score>``), the predictions as a ``wandb.Table``
-    (``<prefix>/predictions``; nested model fields flattened to ``before/...``, ``after/...`` columns) and the
-    chart as an image (``<prefix>/report``).
+    (``<prefix>/predictions``; nested model fields flattened to ``before/...``, ``after/...`` columns), the
+    chart as an image (``<prefix>/report``), and the charts and tables of `metrics.wandb_charts` (with the
+    other figures found beside the image).
 
     A NaN score is left out of the summary (W&B drops NaN summary values anyway); for the alignment scores
     the zero denominator beside it says why.
@@ -519,5 +483,8 @@ def log_to_wandb(
         )
     if image_path is not None:
         payload[f"{prefix}/report"] = wandb.Image(str(image_path))
-    if payload:
-        run.log(payload)
+    from metrics.wandb_charts import chart_payload
+
+    figures_dir = None if image_path is None else Path(image_path).parent
+    payload.update(chart_payload(metrics, rows, prefix, figures_dir))
+    run.log(payload)

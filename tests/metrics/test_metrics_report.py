@@ -165,7 +165,9 @@ def test_single_model_reports_agree_with_predictions_and_torchmetrics(tmp_path):
         "predictions.jsonl",
         "report.md",
         "report.png",
-    ]
+        "roc.png",
+        "tradeoff.png",
+    ], "every figure that has something to show (these rows carry no question form: no by_form.png)"
     assert paths["report_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     by_hand = metrics_from_predictions(tmp_path / "predictions.jsonl")

@@ -1,0 +1,189 @@
+"""The report's figures as native W&B charts and tables, so a person can hover, filter and compare runs.
+
+`chart_payload(metrics, rows)` builds, under a prefix (``test``):
+
+- ``test/roc/{all,object,relation,attribute}``: ROC curves of the refusal likelihood, one line per model
+  with its AUROC in the name (the chart of `wandb.plot.roc_curve`, from torchmetrics' `binary_roc`);
+- ``test/scores/higher_is_better`` and ``test/scores/lower_is_better``: bar charts of every defined score;
+- ``test/tradeoff``: answerable accuracy against unanswerable accuracy, a point per model;
+- tables ``test/scores_table`` (every score with its denominator; an undefined one has value None),
+  ``test/by_category`` and ``test/by_form``;
+- ``test/figures/<name>``: the report's PNG figures found beside report.png.
+
+W&B stores a chart ``K`` as the table ``K_table`` plus a panel spec in the run config (`wandb.plot_table`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from metrics.answerability import CATEGORIES, HIGHER_IS_BETTER
+from metrics.figures import (
+    FIGURES,
+    Evaluation,
+    denominator_name,
+    evaluation_from_test,
+    form_accuracy,
+    model_denominators,
+    roc_curves,
+    score_keys,
+)
+from metrics.report import ALIGNMENT_SCORE_KEYS
+
+__all__ = ["ROC_GROUPS", "chart_keys", "chart_payload", "log_charts"]
+
+ROC_GROUPS: tuple[str, ...] = ("all", *CATEGORIES)
+MAX_CURVE_POINTS = 2000  # per curve: W&B plots at most 10,000 rows of a chart's table
+
+
+def chart_keys(prefix: str = "test") -> dict[str, str]:
+    """Chart or table name -> the key it is logged under (a chart's table is that key + ``_table``)."""
+    keys = {f"roc/{group}": f"{prefix}/roc/{group}" for group in ROC_GROUPS}
+    keys.update({
+        "scores/higher_is_better": f"{prefix}/scores/higher_is_better",
+        "scores/lower_is_better": f"{prefix}/scores/lower_is_better",
+        "tradeoff": f"{prefix}/tradeoff",
+        "scores_table": f"{prefix}/scores_table",
+        "by_category": f"{prefix}/by_category",
+        "by_form": f"{prefix}/by_form",
+    })
+    keys.update({f"figures/{name}": f"{prefix}/figures/{name}" for name in FIGURES if name != "scores"})
+    return keys
+
+
+def _value(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _thin(points: list[Any], limit: int = MAX_CURVE_POINTS) -> list[Any]:
+    """At most `limit` points, evenly spaced, first and last kept."""
+    if len(points) <= limit:
+        return points
+    step = (len(points) - 1) / (limit - 1)
+    return [points[round(i * step)] for i in range(limit)]
+
+
+def _scores_rows(evaluation: Evaluation) -> list[list[Any]]:
+    higher, lower = score_keys(evaluation)
+    rows = []
+    for key in higher + lower:
+        aligned = key in ALIGNMENT_SCORE_KEYS
+        for model in evaluation.models:
+            source = evaluation.alignment.get(model) if aligned else evaluation.scores[model]
+            if source is None or key not in source:
+                continue
+            n = model_denominators(evaluation, model).get(key)
+            rows.append([
+                key, "higher" if HIGHER_IS_BETTER[key] else "lower", model, _value(source[key]), n,
+                denominator_name(key, evaluation.before or "before"),
+            ])
+    return rows
+
+
+def chart_payload(
+    metrics: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]] | None = None,
+    prefix: str = "test",
+    figures_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The charts, tables and figure images of a `test` run (module docstring), ready for `run.log`."""
+    import wandb
+
+    evaluation = evaluation_from_test(metrics, rows)
+    keys = chart_keys(prefix)
+    payload: dict[str, Any] = {}
+
+    for group in ROC_GROUPS:
+        data = []
+        for model in evaluation.models:
+            curve = roc_curves(evaluation.rows.get(model) or [], None if group == "all" else group)
+            if curve is None:
+                continue
+            fpr, tpr, auroc, _, _ = curve
+            name = f"{model} (AUROC {auroc:.2f})"
+            data += [[name, x, y] for x, y in _thin(list(zip(fpr, tpr, strict=True)))]
+        if data:
+            table = wandb.Table(columns=["class", "fpr", "tpr"], data=data)
+            payload[keys[f"roc/{group}"]] = wandb.plot_table(
+                "wandb/area-under-curve/v0", table, {"x": "fpr", "y": "tpr", "class": "class"},
+                {"title": f"Refusal likelihood ROC: {group} unanswerable vs answerable",
+                 "x-axis-title": "False positive rate (answerable)",
+                 "y-axis-title": "True positive rate (unanswerable)"},
+            )
+
+    scores = _scores_rows(evaluation)
+    payload[keys["scores_table"]] = wandb.Table(
+        columns=["score", "better", "model", "value", "denominator", "denominator_counts"], data=scores
+    )
+    for direction in ("higher", "lower"):
+        bars = [[f"{key} · {model}", value] for key, better, model, value, _, _ in scores
+                if better == direction and value is not None]
+        if bars:
+            payload[keys[f"scores/{direction}_is_better"]] = wandb.plot.bar(
+                wandb.Table(columns=["score", "value"], data=bars), "score", "value",
+                title=f"{direction} is better",
+            )
+
+    axes = ("answerable_accuracy", "unanswerable_accuracy")
+    points = [
+        [model, *(s[k] for k in axes)]
+        for model, s in evaluation.scores.items()
+        if all(_value(s.get(k)) is not None for k in axes)
+    ]
+    if points:
+        payload[keys["tradeoff"]] = wandb.plot.scatter(
+            wandb.Table(columns=["model", *axes], data=points), *axes,
+            title="Answerable vs unanswerable accuracy",
+        )
+
+    by_category = []
+    for model in evaluation.models:
+        counts = model_denominators(evaluation, model)
+        for category in CATEGORIES:
+            accuracy, auroc = (
+                _value(evaluation.scores[model].get(f"{score}/{category}"))
+                for score in ("unanswerable_accuracy", "answerability_auroc")
+            )
+            items = counts.get(f"unanswerable_accuracy/{category}")
+            by_category.append([model, category, items, accuracy, auroc])
+    payload[keys["by_category"]] = wandb.Table(
+        columns=["model", "category", "unanswerable_items", "unanswerable_accuracy", "answerability_auroc"],
+        data=by_category,
+    )
+
+    by_form = [
+        [model, form, answerable, items, accuracy]
+        for model in evaluation.models
+        for answerable in (True, False)
+        for form, (accuracy, items) in form_accuracy(evaluation.rows.get(model) or [], answerable).items()
+    ]
+    if by_form:
+        payload[keys["by_form"]] = wandb.Table(
+            columns=["model", "form", "answerable", "items", "accuracy"], data=by_form
+        )
+
+    if figures_dir is not None:
+        for name, file_name in FIGURES.items():
+            path = Path(figures_dir) / file_name
+            if name != "scores" and path.is_file():
+                payload[keys[f"figures/{name}"]] = wandb.Image(str(path))
+    return payload
+
+
+def log_charts(
+    run: Any,
+    metrics: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]] | None = None,
+    prefix: str = "test",
+    figures_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """Log `chart_payload(...)` to a W&B run (or a Lightning `WandbLogger`) in one step; returns its keys.
+    Call it on rank 0 only."""
+    run = getattr(run, "experiment", run)
+    payload = chart_payload(metrics, rows, prefix, figures_dir)
+    run.log(payload)
+    return list(payload)
