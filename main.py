@@ -2,22 +2,85 @@
 
 Configs name the LightningModule and DataModule by `class_path`; they are parsed in OmegaConf mode so a
 config can interpolate its own values (`${...}`). This file only wires; the work lives in the packages.
+
+A user error (a bad record, video, setting, config key or checkpoint path; see `datamodules.errors`) exits
+with status 2 and one line on stderr, also when it was raised in a DataLoader worker.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from datamodules.records import RecordError
-from datamodules.shapes.dataset import SyntheticDatasetError
-from datamodules.video import VideoError
+from datamodules.errors import UserError, user_error_message
 
-# Errors that are the user's to fix (a bad record, pair, video or dataset setting): one line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (RecordError, VideoError, SyntheticDatasetError)
+# ckpt_path values that Lightning resolves itself (not file paths).
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")
+
+
+class CheckpointError(UserError):
+    """A `--ckpt_path` that names no checkpoint."""
+
+
+class ConfigArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors start with one line naming the offending key (before jsonargparse's
+    details), without the usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        from jsonargparse._common import debug_mode_active
+
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)  # an inner parse that the caller catches, or jsonargparse's debug mode
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {config_error_line(message)}\n")
+        if "\n" in message:
+            sys.stderr.write("details:\n" + "".join(f"  {line}\n" for line in message.splitlines()))
+        sys.stderr.write(f"the accepted options: {prog} --help\n")
+        sys.exit(2)
+
+
+_STRUCTURE = re.compile(
+    r"(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value|"
+    r"- Expected a <class 'NoneType'>)"
+)
+
+
+def config_error_line(message: str) -> str:
+    """One line of a jsonargparse error: its innermost problem with the dotted key it is under, e.g.
+    `model.model.lora: Option 'rr' is not accepted (lightning_modules.video_llm.LoraSettings)`."""
+    lines = message.splitlines()
+    if len(lines) == 1:
+        return message.strip()
+    stack: list[tuple[int, str, str]] = []  # (indent, kind, name) of the keys and classes the line is under
+    for raw in lines:
+        text = raw.strip().removeprefix("- ").strip()
+        if not text:
+            continue
+        indent = len(raw) - len(raw.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', text)
+        if key:
+            stack.append((indent, "key", key[1]))
+            if key[2]:
+                text = key[2]
+            else:
+                continue
+        elif (problem := re.match(r"Problem with given class_path '([^']+)':", text)) is not None:
+            stack.append((indent, "class", problem[1]))
+            continue
+        if _STRUCTURE.search(raw):
+            continue
+        keys = ".".join(name for _, kind, name in stack if kind == "key")
+        classes = [name for _, kind, name in stack if kind == "class"]
+        return (f"{keys}: " if keys else "") + text + (f" ({classes[-1]})" if classes else "")
+    return lines[0].strip()
 
 
 class AnswerabilityCLI(LightningCLI):
@@ -32,15 +95,31 @@ class AnswerabilityCLI(LightningCLI):
         return
 
     def _resolve_last_checkpoint(self) -> None:
+        """`last`: the run folder's checkpoint. `fit` without one starts a new run; `validate`, `test` and
+        `predict` without one are an error (they would score the untrained model), and so is a path that
+        names no file."""
         # Lightning looks for "last" in its default checkpoint folder (with a WandbLogger a per-run W&B
         # folder), before the module's own checkpoint callback is attached: a resumed run would start afresh.
         kwargs = self.config_init[self.subcommand]
-        if kwargs.get("ckpt_path") != "last":
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path is None:
             return
-        output_dir = getattr(self.model, "hparams", {}).get("output_dir") or self.trainer.default_root_dir
-        path = Path(output_dir) / "checkpoints" / "last.ckpt"  # AlignmentModule.configure_callbacks
-        if path.is_file():
-            kwargs["ckpt_path"] = str(path)
+        if ckpt_path == "last":
+            output_dir = getattr(self.model, "hparams", {}).get("output_dir") or self.trainer.default_root_dir
+            path = Path(output_dir) / "checkpoints" / "last.ckpt"  # AlignmentModule.configure_callbacks
+            if path.is_file():
+                kwargs["ckpt_path"] = str(path)
+            elif self.subcommand == "fit":
+                print(f"no checkpoint at {path}: starting a new run", file=sys.stderr)
+                kwargs["ckpt_path"] = None
+            else:
+                raise CheckpointError(
+                    f"--ckpt_path last: no checkpoint at {path}; {self.subcommand} would use the untrained "
+                    "model (train it first, or give the checkpoint's path)"
+                )
+        elif str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not str(ckpt_path).startswith("registry"):
+            if not Path(ckpt_path).is_file():
+                raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
 
     before_fit = before_validate = before_test = before_predict = _resolve_last_checkpoint
 
@@ -50,6 +129,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     return AnswerabilityCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=ConfigArgumentParser,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -57,11 +137,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-def main() -> int:
+def main(args: list[str] | None = None) -> int:
     try:
-        cli_main()
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        cli_main(args)
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -12,13 +12,13 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from datamodules.errors import USER_ERRORS, user_error_message
 from datamodules.records import CATEGORIES, RecordError, read_records, summarize_records
-from datamodules.shapes.dataset import SyntheticDatasetError, build_synthetic_dataset, format_summary
+from datamodules.shapes.dataset import build_synthetic_dataset, check_synthetic_folder, format_summary
 from datamodules.sources.generate import add_generate_parser, add_import_videochatgpt_parser
-from datamodules.video import VideoError
 
-# Errors that are the user's to fix: reported as one line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (RecordError, VideoError, SyntheticDatasetError, OSError)
+# How many missing videos `stats --video-root` names.
+MISSING_VIDEOS_SHOWN = 5
 
 
 # ============================================================================================== synth
@@ -90,8 +90,10 @@ def add_import_uvqa_parser(subparsers: argparse._SubParsersAction) -> argparse.A
 
 
 def run_import_uvqa(args: argparse.Namespace) -> int:
+    from datamodules.sources.common import refuse_overwriting_inputs
     from datamodules.sources.uvqa import import_uvqa
 
+    refuse_overwriting_inputs([args.out], [args.input])
     result = import_uvqa(args.input, args.category, args.out, args.extension)
     print(f"{args.out}: wrote {len(result.records)} {args.category} records from {args.input}; "
           f"dropped {result.duplicates} exact duplicates")
@@ -104,11 +106,12 @@ def add_stats_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "stats",
         help="validate a record file and count its records",
         description="Validate a JSONL record file as every reader does and print counts per answerability, "
-        "category and source.",
+        "category and source. With --video-root, also check that every record's video file is there.",
     )
     parser.add_argument("file", type=Path, metavar="FILE.jsonl")
     parser.add_argument("--video-root", type=Path, metavar="DIR",
-                        help="folder the video paths are relative to (default: the file's folder)")
+                        help="folder the video paths are relative to (default: the file's folder); given, "
+                        "every video must exist (exit status 2 naming the first missing ones)")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="count and report invalid lines instead of stopping at the first")
     parser.set_defaults(func=run_stats)
@@ -116,7 +119,18 @@ def add_stats_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    check_synthetic_folder(args.file.parent)
     records, skipped = read_records(args.file, args.video_root, skip_invalid=args.skip_invalid)
+    if args.video_root is not None:
+        if not args.video_root.is_dir():
+            raise RecordError(args.file, None, "video", f"the video root {args.video_root} is not a folder")
+        videos = sorted({record.video for record in records})
+        missing = [video for video in videos if not (args.video_root / video).resolve().is_file()]
+        if missing:
+            shown = ", ".join(missing[:MISSING_VIDEOS_SHOWN])
+            shown += ", ..." if len(missing) > MISSING_VIDEOS_SHOWN else ""
+            raise RecordError(args.file, None, "video", f"{len(missing)} of {len(videos)} videos are missing "
+                              f"under {args.video_root}: {shown}")
     summary = summarize_records(records)
     print(f"{args.file}: {summary['records']} records ({summary['answerable']} answerable, "
           f"{summary['unanswerable']} unanswerable)")
@@ -149,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_error_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -21,6 +21,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.records import REFUSAL_OPENING, QARecord, RecordError, read_predictions, read_records
+from datamodules.shapes.dataset import check_synthetic_folder
 from datamodules.video import Clip, read_clip
 
 log = logging.getLogger(__name__)
@@ -312,6 +313,7 @@ class AnswerabilityDataModule(L.LightningDataModule):
         max_length: int = 1024,
         num_workers: int = 0,
         seed: int = 0,
+        synthetic: bool = False,
         synthetic_videos: int = 3000,
         synthetic_split: tuple[float, float, float] = (0.9, 0.05, 0.05),
         processor: Any = None,
@@ -335,8 +337,11 @@ class AnswerabilityDataModule(L.LightningDataModule):
                 one question per example. Validation, test and predict always ask one question per prompt.
             batch_size: global training batch size in examples (divided by the world size).
             max_length: the longest prompt + response in tokens; longer prompts are errors.
-            synthetic_videos, synthetic_split: when `data_dir` has no records, `prepare_data` builds the
-                synthetic world with this many clips, split by clip in these train/val/test fractions.
+            synthetic: `data_dir` holds the synthetic world: when its record files are missing (or its last
+                build was interrupted), `prepare_data` builds it there, into an empty folder or one `synth`
+                built only. Off, a missing record file is an error; nothing is ever built over user files.
+            synthetic_videos, synthetic_split: with `synthetic`, the number of clips and the train/val/test
+                fractions (by clip) of the world `prepare_data` builds.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["processor"])
@@ -350,13 +355,20 @@ class AnswerabilityDataModule(L.LightningDataModule):
         return path if path.is_absolute() else Path(self.hparams.data_dir) / path
 
     def prepare_data(self) -> None:
-        """Build the synthetic dataset when its record files are missing (rank 0 only, once)."""
+        """With `synthetic`, build the synthetic dataset when its record files are missing or its last build
+        was interrupted (rank 0 only, once). The builder refuses a folder it did not build."""
+        if not self.hparams.synthetic:
+            return
+        from datamodules.shapes.dataset import SyntheticDatasetError, build_synthetic_dataset
+
         data_dir = Path(self.hparams.data_dir)
         wanted = [self.hparams.train_file, self.hparams.val_file, self.hparams.test_file]
-        if all(self._path(name).exists() for name in wanted if name):
+        try:
+            finished = check_synthetic_folder(data_dir) is not None
+        except SyntheticDatasetError:
+            finished = False
+        if finished and all(self._path(name).exists() for name in wanted if name):
             return
-        from datamodules.shapes.dataset import build_synthetic_dataset
-
         log.info("building the synthetic dataset in %s", data_dir)
         build_synthetic_dataset(
             data_dir,
@@ -365,8 +377,13 @@ class AnswerabilityDataModule(L.LightningDataModule):
             fractions=tuple(self.hparams.synthetic_split),
         )
 
-    def _read(self, name: str) -> tuple[list[QARecord], Path]:
+    def _read(self, name: str, key: str) -> tuple[list[QARecord], Path]:
+        """The records of file `name` (the `key` setting); a missing file is one error naming the path."""
         path = self._path(name)
+        if not path.is_file():
+            hint = "" if self.hparams.synthetic else " or synthetic: true to build the synthetic world there"
+            raise RecordError(path, None, None, f"no such record file (data.init_args.{key}; set it to null "
+                              f"to go without it{hint})")
         root = Path(self.hparams.video_root) if self.hparams.video_root else path.parent
         records, _ = read_records(path, root)
         return records, root
@@ -391,8 +408,10 @@ class AnswerabilityDataModule(L.LightningDataModule):
         rng.shuffle(mixed)
         return mixed
 
-    def _examples(self, name: str, mix: bool, pairs: bool, predictions: str | None = None) -> list[Example]:
-        records, root = self._read(name)
+    def _examples(
+        self, name: str, key: str, mix: bool, pairs: bool, predictions: str | None = None
+    ) -> list[Example]:
+        records, root = self._read(name, key)
         rejected: dict[str, str] = {}
         if pairs:
             rejected = self._rejected_responses(records, self._path(name), predictions)
@@ -406,6 +425,11 @@ class AnswerabilityDataModule(L.LightningDataModule):
             records = kept
         if mix:
             records = self._mix(records)
+        if not records:
+            steps = [f"unanswerable_fraction={self.hparams.unanswerable_fraction}"] if mix else []
+            steps += ["dropping the pairs without a preference"] if pairs else []
+            problem = f"no records left for {key} after {' and '.join(steps)}"
+            raise RecordError(self._path(name), None, None, problem)
         path = str(self._path(name))
         return [Example(r, str(root / r.video), rejected.get(r.id), path) for r in records]
 
@@ -468,24 +492,32 @@ class AnswerabilityDataModule(L.LightningDataModule):
         if self.processor is None:
             raise ValueError("AnswerabilityDataModule needs the model's processor (from the LightningModule)")
         h = self.hparams
+        check_synthetic_folder(h.data_dir)
         pairs = h.objective == "dpo"
         if h.turns_per_example < 1 or (pairs and h.turns_per_example > 1):
             raise ValueError(
                 f"turns_per_example must be 1 for DPO and at least 1 for SFT, got {h.turns_per_example}"
             )
         if stage in ("fit", None) and h.train_file:
-            examples = self._examples(h.train_file, True, pairs, h.rejected_predictions)
+            examples = self._examples(h.train_file, "train_file", True, pairs, h.rejected_predictions)
             if h.turns_per_example > 1:
                 examples = self._pack(examples, h.turns_per_example)
             self.datasets["train"] = ExampleDataset(examples, h.num_frames)
         if stage in ("fit", "validate", None) and h.val_file:
-            self.datasets["val"] = ExampleDataset(self._examples(h.val_file, True, pairs), h.num_frames)
+            examples = self._examples(h.val_file, "val_file", True, pairs)
+            self.datasets["val"] = ExampleDataset(examples, h.num_frames)
         if stage in ("test", None) and h.test_file:
-            self.datasets["test"] = ExampleDataset(self._examples(h.test_file, False, False), h.num_frames)
+            examples = self._examples(h.test_file, "test_file", False, False)
+            self.datasets["test"] = ExampleDataset(examples, h.num_frames)
         if stage == "predict":
-            examples = self._examples(h.predict_file or h.test_file, False, False)
+            key = "predict_file" if h.predict_file else "test_file"
+            examples = self._examples(h.predict_file or h.test_file, key, False, False)
             if h.predict_answerable is not None:
                 examples = [e for e in examples if e.record.answerable == h.predict_answerable]
+                if not examples:
+                    raise RecordError(self._path(h.predict_file or h.test_file), None, "answerable",
+                                      f"no record has answerable={str(h.predict_answerable).lower()} "
+                                      "(data.init_args.predict_answerable)")
             self.datasets["predict"] = ExampleDataset(examples, h.num_frames)
 
     def _per_device(self, batch_size: int) -> int:

@@ -1,9 +1,10 @@
 """The files the project speaks (docs/design.md section 3): the record schema `QARecord` and its validated
 JSONL I/O, the predictions file, the gold refusal and the one atomic writer.
 
-Every reader validates each line and names the file, line and field of the first problem; every writer is
-atomic (`atomic_write`: a temporary file in the same folder, then a rename), so an interrupted run never
-leaves half a file.
+Every reader validates each line and names the file, line and field of the first problem (hostile JSON
+included: nesting too deep, numbers too long, text that is not valid Unicode); a file with no records is an
+error; every writer is atomic (`atomic_write`: a temporary file in the same folder, then a rename), so an
+interrupted run never leaves half a file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
+from datamodules.errors import UserError
+
 CATEGORIES = ("object", "relation", "attribute")
 """Unanswerability categories of a record, in the order of their ids in the metrics (0, 1, 2)."""
 
@@ -29,14 +32,81 @@ REFUSAL_TEMPLATE = REFUSAL_OPENING + " because there is no {missing} in the vide
 """The gold response of an unanswerable question whose missing element is `missing`."""
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A user error in a record file: the message names the file, the line and the field."""
 
     def __init__(self, path: str | os.PathLike, line: int | None, field_name: str | None, problem: str):
+        self._init_args = (path, line, field_name, problem)
         self.path, self.line, self.field = str(path), line, field_name
         where = str(path) + (f", line {line}" if line is not None else "")
         what = f"field '{field_name}': " if field_name else ""
-        super().__init__(f"{where}: {what}{problem}")
+        ValueError.__init__(self, f"{where}: {what}{problem}")
+
+
+class JSONProblem(ValueError):
+    """Why a JSON text cannot be taken: `problem` (one line) and, when known, the `line` it is on."""
+
+    def __init__(self, problem: str, line: int | None = None, where: str | None = None):
+        self.problem, self.line, self.where = problem, line, where
+        super().__init__(problem)
+
+
+def _no_constant(name: str) -> Any:
+    raise JSONProblem(f"non-standard JSON constant {name}")
+
+
+def parse_json(text: str) -> Any:
+    """`json.loads`, with every way a hostile text fails turned into a `JSONProblem`.
+
+    Refused: malformed JSON, nesting deeper than the interpreter's recursion limit, integers longer than
+    Python's conversion limit, NaN/Infinity, and text holding a lone UTF-16 surrogate ("\\ud800"), which
+    no later UTF-8 writer or tokenizer accepts; `where` then gives its place, e.g. `meta.tags[2]`.
+    """
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as error:
+        raise JSONProblem(f"invalid JSON ({error.msg})", error.lineno) from None
+    except RecursionError:
+        raise JSONProblem("invalid JSON (nested too deeply)") from None
+    except JSONProblem:
+        raise
+    except ValueError as error:  # "Exceeds the limit (4300 digits) for integer string conversion ..."
+        raise JSONProblem(f"invalid JSON (a number too long: {str(error).split(';')[0]})") from None
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise JSONProblem("text with a lone UTF-16 surrogate (not valid Unicode)", where=where)
+    return data
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The place of the first string (or key) holding a lone surrogate; None when there is none.
+
+    `json.loads` joins valid surrogate pairs into one character, so any surrogate left is a lone one, and
+    UTF-8 cannot encode it. Iterative: the depth is whatever the parser accepted.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                return where or "(top level)"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                if not _encodable(key):
+                    return f"{where}.(a key)" if where else "(a key)"
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -122,8 +192,10 @@ def iter_records(
     video_root: str | os.PathLike | None = None,
     skip_invalid: bool = False,
     skipped: list[RecordError] | None = None,
+    allow_empty: bool = False,
 ) -> Iterator[QARecord]:
-    """Yield validated records of a JSONL file; duplicate ids are errors.
+    """Yield validated records of a JSONL file; duplicate ids are errors, and so is a file without a single
+    record line (blank lines aside) unless `allow_empty`.
 
     With `skip_invalid`, bad lines are appended to `skipped` (when given) instead of raising.
     """
@@ -132,17 +204,19 @@ def iter_records(
         raise RecordError(path, None, None, "no such file")
     root = Path(video_root) if video_root is not None else path.parent
     seen: dict[str, int] = {}
+    lines = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
+            lines += 1
             try:
                 try:
-                    data = json.loads(raw.decode("utf-8"))
+                    data = parse_json(raw.decode("utf-8"))
                 except UnicodeDecodeError:
                     raise RecordError(path, number, None, "not valid UTF-8 text") from None
-                except json.JSONDecodeError as error:
-                    raise RecordError(path, number, None, f"invalid JSON ({error.msg})") from None
+                except JSONProblem as problem:
+                    raise RecordError(path, number, problem.where, problem.problem) from None
                 record = record_from_dict(data, path, number, root)
                 if record.id in seen:
                     problem = f"duplicate id {record.id!r} (first on line {seen[record.id]})"
@@ -155,14 +229,20 @@ def iter_records(
                 continue
             seen[record.id] = number
             yield record
+    if not lines and not allow_empty:
+        raise RecordError(path, None, None, "the file holds no records")
 
 
 def read_records(
-    path: str | os.PathLike, video_root: str | os.PathLike | None = None, skip_invalid: bool = False
+    path: str | os.PathLike,
+    video_root: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+    allow_empty: bool = False,
 ) -> tuple[list[QARecord], list[RecordError]]:
-    """Read a whole JSONL file: (records, skipped errors). `skipped` is empty unless `skip_invalid`."""
+    """Read a whole JSONL file: (records, skipped errors). `skipped` is empty unless `skip_invalid`; a file
+    without records is an error unless `allow_empty`."""
     skipped: list[RecordError] = []
-    records = list(iter_records(path, video_root, skip_invalid, skipped))
+    records = list(iter_records(path, video_root, skip_invalid, skipped, allow_empty))
     return records, skipped
 
 
@@ -229,11 +309,11 @@ def read_predictions(path: str | os.PathLike, required: Sequence[str] = ()) -> l
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = parse_json(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 raise RecordError(path, number, None, "not valid UTF-8 text") from None
-            except json.JSONDecodeError as error:
-                raise RecordError(path, number, None, f"invalid JSON ({error.msg})") from None
+            except JSONProblem as problem:
+                raise RecordError(path, number, problem.where, problem.problem) from None
             if not isinstance(row, dict):
                 raise RecordError(path, number, None, f"expected a JSON object, got {type(row).__name__}")
             for key in ("id", *required):

@@ -15,15 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.errors import UserError
+
 BACKENDS = ("decord", "pyav")
 
 
-class VideoError(ValueError):
+class VideoError(UserError, ValueError):
     """A video file that cannot be read: the message names the file and says why."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
+        self._init_args = (path, problem)
         self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
+        ValueError.__init__(self, f"{path}: {problem}")
 
 
 def sample_indices(total: int, num_frames: int) -> np.ndarray:

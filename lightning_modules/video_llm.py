@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from datamodules.errors import UserError
 from lightning_modules.tiny import TINY, TinyArchitecture, build_tiny
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,41 @@ class VideoLLMConfig:
 
 
 # ------------------------------------------------------------------------------------------ loading
+class ModelPathError(UserError):
+    """A model or vision-tower path that does not exist."""
+
+
+# Folders the embedded demo's stages write, and the command that writes each.
+DEMO_PRODUCTS = {
+    "outputs/shapes/vision_tower": "python main.py fit -c configs/shapes/vision.yaml",
+    "outputs/shapes/base/hf_model": "python main.py fit -c configs/shapes/base.yaml",
+    "outputs/shapes/sft/hf_model": "python main.py fit -c configs/shapes/sft.yaml",
+    "outputs/shapes/dpo/hf_model": "python main.py fit -c configs/shapes/dpo.yaml",
+}
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` is meant as a local path rather than a Hugging Face hub id ("owner/model"): it starts
+    with ".", "/" or "~", has a separator a hub id cannot have (a second "/", or the OS's own), or a folder
+    named by its leading part exists."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    parents = Path(name).parents
+    return any(parent.is_dir() for parent in list(parents)[:-1])  # the last parent is "."
+
+
+def check_model_path(name: str, setting: str) -> None:
+    """Raise a `ModelPathError` naming `setting` when the path-like `name` does not exist (and, for a folder
+    of the embedded demo, the command that makes it); hub ids are left to Hugging Face."""
+    if not looks_like_path(name) or Path(name).expanduser().exists():
+        return
+    problem = f"{setting}: {name} does not exist"
+    key = Path(name).as_posix().removeprefix("./").rstrip("/")
+    if key in DEMO_PRODUCTS:
+        problem += f"; it is made by `{DEMO_PRODUCTS[key]}`"
+    raise ModelPathError(problem)
+
+
 def _dtype(name: str) -> torch.dtype:
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -96,8 +137,13 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_video_llm(config: VideoLLMConfig, vocabulary: list[str] | None = None) -> tuple[nn.Module, Any]:
-    """(model, processor) for `config`; the tiny model needs the world's `vocabulary`."""
+    """(model, processor) for `config`; the tiny model needs the world's `vocabulary`. A path that does not
+    exist is a `ModelPathError` naming it."""
     if config.name_or_path == TINY:
+        if config.vision_tower is not None:
+            check_model_path(config.vision_tower, "model.vision_tower")
+            if not Path(config.vision_tower).is_dir():
+                raise ModelPathError(f"model.vision_tower: {config.vision_tower} is not a folder")
         model, processor = build_tiny(config.tiny, config.vision_tower, vocabulary)
         if config.attn_implementation:
             model.set_attn_implementation(config.attn_implementation)
@@ -105,6 +151,7 @@ def load_video_llm(config: VideoLLMConfig, vocabulary: list[str] | None = None) 
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = config.name_or_path
+        check_model_path(path, "model.name_or_path")
         kwargs: dict[str, Any] = {
             "dtype": _dtype(config.torch_dtype),
             "trust_remote_code": config.trust_remote_code,
@@ -168,12 +215,45 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def save_hf(model: nn.Module, processor: Any, folder: str | Path, meta: dict | None = None) -> Path:
-    """Save a model (merged full weights, or a peft adapter) with its processor, loadable by name_or_path."""
+@contextmanager
+def replacing_folder(folder: str | Path) -> Iterator[Path]:
+    """Write a folder as a whole: the body writes into a new temporary sibling, which then takes the
+    folder's place (an old folder is renamed aside first and deleted after). An error or a kill before the
+    end leaves the old folder as it was; no reader ever sees a mix of old and new files.
+
+    A kill between the two renames leaves the old folder aside (`.NAME.replaced-*`): the next export puts it
+    back before it starts, and removes the temporary folders of killed exports.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    if meta:
-        (folder / "answerability.json").write_text(json.dumps(meta, indent=2))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    aside = sorted(folder.parent.glob(f".{folder.name}.replaced-*"))
+    if aside and not folder.exists():
+        os.rename(aside.pop(), folder)
+    for stale in [*aside, *folder.parent.glob(f".{folder.name}.exporting-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.exporting-", dir=folder.parent))
+    try:
+        yield temporary
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.replaced-", dir=folder.parent))
+            os.replace(folder, old)  # onto the empty folder just made: a name no one else holds
+        os.rename(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf(model: nn.Module, processor: Any, folder: str | Path, meta: dict | None = None) -> Path:
+    """Save a model (merged full weights, or a peft adapter) with its processor, loadable by name_or_path.
+
+    The folder is replaced as a whole (`replacing_folder`): an interrupted export leaves the previous one."""
+    folder = Path(folder)
+    with replacing_folder(folder) as temporary:
+        model.save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+        if meta:
+            (temporary / "answerability.json").write_text(json.dumps(meta, indent=2))
     return folder

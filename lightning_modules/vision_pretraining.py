@@ -179,9 +179,17 @@ class VisionPretraining(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def save_tower(self, folder: str | Path) -> Path:
+        """Save the tower and its concept heads; the folder is replaced as a whole (an interrupted save
+        leaves the previous one)."""
+        from lightning_modules.video_llm import replacing_folder
+
+        with replacing_folder(folder) as temporary:
+            self.tower.save_pretrained(temporary)
+            self.save_heads(temporary)
+        return Path(folder)
+
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
-            folder = Path(self.hparams.output_dir)
-            self.tower.save_pretrained(folder)
-            self.save_heads(folder)
+            folder = self.save_tower(self.hparams.output_dir)
             print(f"saved the pretrained vision tower to {folder}")

@@ -360,3 +360,123 @@ def test_ddp_test_on_two_cpu_processes_scores_every_item_once(tmp_path, lora_dpo
         assert two[group] == pytest.approx(one[group], abs=1e-6), group
     not_refused_before = sum(not row["answerable"] and not row["before"]["refused"] for row in rows)
     assert one["alignment"]["discretion/denominator"] == not_refused_before
+
+
+# ------------------------------------------------------------------------------ user errors as one line
+def error_line(capsys) -> str:
+    """The one `error:` line on stderr, which is the last line, with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err[-3000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_without_the_checkpoint_is_one_line_and_writes_nothing(subcommand, tmp_path, cli_args,
+                                                                          capsys):
+    from main import main
+
+    out = tmp_path / "run"
+    assert main(cli_args(subcommand, out, extra=["--ckpt_path=last"])) == 2
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    assert error_line(capsys) == (f"error: --ckpt_path last: no checkpoint at {checkpoint}; {subcommand} "
+                                  "would use the untrained model (train it first, or give the checkpoint's "
+                                  "path)")
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+    missing = tmp_path / "no.ckpt"
+    assert main(cli_args(subcommand, out, extra=[f"--ckpt_path={missing}"])) == 2
+    assert error_line(capsys) == f"error: --ckpt_path {missing}: no such checkpoint file"
+
+
+def test_a_misspelled_config_key_is_named_on_the_first_line(tmp_path, capsys):
+    from main import main
+
+    config = tmp_path / "sft.yaml"
+    text = (REPO / "configs/shapes/sft.yaml").read_text()
+    config.write_text(text.replace("batch_size: 32", "batchsize: 32"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "-c", str(config)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == ("error: data: Option 'batchsize' is not accepted "
+                                   "(datamodules.answerability.AnswerabilityDataModule)")
+    assert "usage:" not in err and len(err.splitlines()) < 20
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(REPO / "configs/shapes/sft.yaml"), "--model.init_args.model.lora.rr=3"])
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "error: model.model.lora: Option 'rr' is not accepted (lightning_modules.video_llm.LoraSettings)")
+
+
+def test_a_missing_base_model_folder_is_one_line_naming_the_command_that_makes_it(tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The demo's SFT stage run before its base stage."""
+    from main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "-c", str(REPO / "configs/shapes/sft.yaml"), "--trainer.logger=false"]) == 2
+    assert error_line(capsys) == ("error: model.name_or_path: outputs/shapes/base/hf_model does not exist; "
+                                  "it is made by `python main.py fit -c configs/shapes/base.yaml`")
+    assert not (tmp_path / "outputs" / "shapes" / "data").exists(), "nothing built before the model loads"
+
+
+def test_user_records_without_a_val_file_are_never_replaced(tmp_path, cli_args, synthetic_data, capsys):
+    """The README's real-data steps: a data_dir holding the user's train.jsonl only. Without the synthetic
+    option `fit` names the missing file; with it, the builder refuses the folder. The file is unchanged."""
+    from main import main
+
+    data = tmp_path / "mine"
+    data.mkdir()
+    train = data / "train.jsonl"
+    train.write_bytes((synthetic_data / "train.jsonl").read_bytes())
+    before = train.read_bytes()
+    base = cli_args("fit", tmp_path / "run", extra=[f"--data.init_args.data_dir={data}",
+                                                   f"--data.init_args.video_root={synthetic_data}"])
+    assert main(base) == 2
+    assert error_line(capsys) == (
+        f"error: {data / 'val.jsonl'}: no such record file (data.init_args.val_file; set it to null to go "
+        "without it or synthetic: true to build the synthetic world there)")
+    assert main([*base, "--data.init_args.synthetic=true"]) == 2
+    assert error_line(capsys).startswith(f"error: {data} is not empty and was not built by synth")
+    assert [p.name for p in data.iterdir()] == ["train.jsonl"] and train.read_bytes() == before
+
+    typo = tmp_path / "mnie"
+    assert main(cli_args("fit", tmp_path / "run", extra=[f"--data.init_args.data_dir={typo}"])) == 2
+    assert error_line(capsys).startswith(f"error: {typo / 'train.jsonl'}: no such record file")
+    assert not typo.exists(), "no synthetic data behind the user's back"
+
+
+def test_an_empty_test_file_is_one_line(tmp_path, cli_args, synthetic_data, capsys):
+    from main import main
+
+    empty = tmp_path / "test.jsonl"
+    empty.write_text("")
+    out = tmp_path / "run"
+    assert main(cli_args("test", out, extra=[f"--data.init_args.test_file={empty}",
+                                             f"--model.init_args.output_dir={out}"])) == 2
+    assert error_line(capsys) == f"error: {empty}: the file holds no records"
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_corrupt_video_read_in_a_dataloader_worker_is_one_line(tmp_path, cli_args, main_env,
+                                                                 synthetic_data):
+    """num_workers=2 as in the 7B configs: the worker's VideoError reaches the terminal as its own line."""
+    import shutil
+
+    rows = [json.loads(line) for line in (synthetic_data / "val.jsonl").read_text().splitlines()][:2]
+    data = tmp_path / "data"
+    (data / "videos").mkdir(parents=True)
+    shutil.copy(synthetic_data / rows[0]["video"], data / rows[0]["video"])
+    broken = data / "videos" / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
+    rows[1]["video"] = "videos/broken.mp4"
+    (data / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = cli_args("predict", tmp_path / "run", extra=[
+        f"--data.init_args.data_dir={data}", "--data.init_args.predict_file=val.jsonl",
+        "--data.init_args.num_workers=2", "--data.init_args.eval_batch_size=1"])
+    done = run_main_py(args, main_env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "DataLoader worker" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {broken}: cannot decode"), last
+    assert not (tmp_path / "run" / "predictions.jsonl").exists()

@@ -1,7 +1,9 @@
 """Build the embedded synthetic dataset: shape clips rendered to mp4 plus train/val/test QA records.
 
 Resumable and idempotent: every scene and question comes from (seed, video index), clips already on disk
-are kept, and the record files are written atomically at the end.
+are kept, and the record files are written atomically at the end. The builder writes only into an empty
+folder or one it built (its manifest, `synth.json`); the manifest says how many clips the record files
+cover and whether the last build finished, so an interrupted build is never read as a finished one.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from datamodules.errors import UserError
 from datamodules.perturb import Perturbation
 from datamodules.records import QARecord, atomic_write, summarize_records, write_jsonl, write_records
 from datamodules.shapes.questions import (
@@ -33,11 +38,14 @@ from datamodules.shapes.world import Scene, WorldConfig, sample_scene, write_cli
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "synth.json"
-# Bump when scenes, questions or rendering change, so that an old folder is not silently mixed in.
-GENERATOR_VERSION = 1
+# Bump when scenes, questions, rendering or the manifest change, so that an old folder is not silently mixed
+# in. Version 2 added the record files' settings (clip count, split fractions, described splits) and the
+# `complete` flag to the manifest; clips and records are those of version 1, which the builder updates.
+GENERATOR_VERSION = 2
+UPDATABLE_VERSIONS = (1,)
 
 
-class SyntheticDatasetError(ValueError):
+class SyntheticDatasetError(UserError, ValueError):
     """A user error building the synthetic dataset (bad settings, or a folder built with other ones)."""
 
 
@@ -114,22 +122,77 @@ def _render(job: tuple[dict[str, Any], str, int]) -> None:
     write_clip(Scene.from_dict(scene).render(), path, fps)
 
 
-def _check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
+def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
     path = out_dir / MANIFEST
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            problem = f"{path}: invalid JSON ({error.msg}); delete the folder to rebuild it"
-            raise SyntheticDatasetError(problem) from None
-        if previous != settings:
-            changed = sorted(k for k in settings | previous if previous.get(k) != settings.get(k))
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = getattr(error, "msg", error)
+        problem = f"{path}: not a manifest of synth ({reason}); delete the folder to rebuild it"
+        raise SyntheticDatasetError(problem) from None
+    if not isinstance(manifest, dict):
+        raise SyntheticDatasetError(f"{path}: not a manifest of synth; delete the folder to rebuild it")
+    return manifest
+
+
+def _synth_command(out_dir: Path, manifest: dict[str, Any]) -> str:
+    """The `synth` command line that (re)builds the record files the manifest describes."""
+    world, records = manifest["world"], manifest["records"]
+    describe = ",".join(records["describe"]) or "none"
+    return (f"python -m datamodules synth --out {out_dir} --num-videos {records['num_videos']} "
+            f"--seed {manifest['seed']} --frames {world['frames']} --size {world['size']} "
+            f"--fps {world['fps']} --split {','.join(format(f, 'g') for f in records['fractions'])} "
+            f"--describe {describe}")
+
+
+def check_synthetic_folder(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """For a folder built by `synth`, check that its last build finished with this generator; returns the
+    manifest (None for any other folder). Raises `SyntheticDatasetError` saying what to run otherwise."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        return None
+    version = manifest.get("generator_version")
+    if version != GENERATOR_VERSION:
+        raise SyntheticDatasetError(
+            f"{folder} was built by synth generator version {version}, not {GENERATOR_VERSION}: rerun the "
+            "synth command it was built with to update it, or delete the folder to rebuild it"
+        )
+    if not manifest.get("complete") or not isinstance(manifest.get("records"), dict):
+        raise SyntheticDatasetError(
+            f"{folder}: its last synth build was interrupted, so its record files do not match its clips; "
+            f"rerun it to finish: {_synth_command(folder, manifest)}"
+        )
+    return manifest
+
+
+def _claim_folder(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Check that the builder may write into `out_dir`: empty (or absent), or built by it with `settings`."""
+    manifest = _read_manifest(out_dir)
+    if manifest is None:
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise SyntheticDatasetError(
-                f"{out_dir} was built with other settings (changed: {', '.join(changed)}); "
-                "use another --out folder or delete this one"
+                f"{out_dir} is not empty and was not built by synth (no {MANIFEST}): the synthetic dataset "
+                "is built only into an empty folder or one synth built, never over other files; use another "
+                "folder"
             )
-    else:
-        atomic_write(path, json.dumps(settings, indent=2) + "\n")
+        return
+    version = manifest.get("generator_version")
+    if version != GENERATOR_VERSION and version not in UPDATABLE_VERSIONS:
+        raise SyntheticDatasetError(
+            f"{out_dir} was built by synth generator version {version}, whose clips and records differ from "
+            f"version {GENERATOR_VERSION}'s; use another --out folder or delete this one"
+        )
+    previous = {key: manifest.get(key) for key in settings if key != "generator_version"}
+    wanted = {key: value for key, value in settings.items() if key != "generator_version"}
+    if previous != wanted:
+        changed = sorted(k for k in wanted if previous.get(k) != wanted.get(k))
+        raise SyntheticDatasetError(
+            f"{out_dir} was built with other settings (changed: {', '.join(changed)}); "
+            "use another --out folder or delete this one"
+        )
 
 
 def build_synthetic_dataset(
@@ -147,12 +210,14 @@ def build_synthetic_dataset(
     """Render `num_videos` clips and write their QA records; returns a summary (see `summarize_records`).
 
     Writes DIR/videos/{id}.mp4, DIR/{train,val,test}.jsonl (split by video), DIR/scenes.jsonl (one line
-    per video: {"video", "split", "scene"}) and DIR/synth.json (the settings; a rerun with other
-    settings is refused). Clips already rendered are skipped. `workers` processes render (default:
-    the CPU count, in-process for small jobs). Each clip of a split in `describe` also gets the caption
-    question (every object with all its attributes) and up to two qualifier checks ("Is the star small?"):
-    dense supervision for training, which by default the evaluation splits leave out, so that they hold
-    the question forms of the paper.
+    per video: {"video", "split", "scene"}) and DIR/synth.json (the settings, the clip count and split the
+    record files cover, and whether the build finished; a rerun with other world settings is refused, one
+    with another clip count or split rewrites the record files). DIR must be empty or absent, or a folder
+    built by this function: other files are never overwritten. Clips already rendered are skipped.
+    `workers` processes render (default: the CPU count, in-process for small jobs). Each clip of a split in
+    `describe` also gets the caption question (every object with all its attributes) and up to two
+    qualifier checks ("Is the star small?"): dense supervision for training, which by default the
+    evaluation splits leave out, so that they hold the question forms of the paper.
     """
     describe = tuple(describe)
     if unknown := sorted(set(describe) - set(SPLITS)):
@@ -164,19 +229,24 @@ def build_synthetic_dataset(
     started = time.perf_counter()
     out = Path(out_dir)
     world = WorldConfig(frames=frames, fps=fps, size=size)
-    _check_manifest(out, {"generator_version": GENERATOR_VERSION, "seed": seed, "world": asdict(world)})
+    settings = {"generator_version": GENERATOR_VERSION, "seed": seed, "world": asdict(world)}
+    _claim_folder(out, settings)
+    splits = split_videos(num_videos, seed, fractions)  # settings are checked before anything is written
+    scenes = [scene_for(seed, index, world) for index in range(num_videos)]
+    records_settings = {"num_videos": num_videos, "fractions": list(fractions), "describe": list(describe)}
+    # Until the record files are written, the folder is marked unfinished: a reader refuses it.
+    manifest = {**settings, "records": records_settings, "complete": False}
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
     for stale in videos.glob(".*.tmp"):  # left by an interrupted render (`atomic_write`)
         stale.unlink(missing_ok=True)
 
-    scenes = [scene_for(seed, index, world) for index in range(num_videos)]
     paths = [videos / f"{video_id(index)}.mp4" for index in range(num_videos)]
     pending = [(scene, path) for scene, path in zip(scenes, paths, strict=True) if not path.exists()]
     jobs = [(scene.to_dict(), str(path), fps) for scene, path in pending]
     _render_all(jobs, progress, workers)
 
-    splits = split_videos(num_videos, seed, fractions)
     by_split: dict[str, list[QARecord]] = {split: [] for split in SPLITS}
     scene_rows = []
     for index, (scene, split) in enumerate(zip(scenes, splits, strict=True)):
@@ -186,6 +256,7 @@ def build_synthetic_dataset(
     for split, records in by_split.items():
         write_records(out / f"{split}.jsonl", records)
     write_jsonl(out / "scenes.jsonl", scene_rows)
+    atomic_write(out / MANIFEST, json.dumps({**manifest, "complete": True}, indent=2) + "\n")
     return {
         "out_dir": str(out),
         "videos": num_videos,
@@ -198,7 +269,19 @@ def build_synthetic_dataset(
     }
 
 
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _render_all(jobs: list[tuple[dict[str, Any], str, int]], progress: bool, workers: int | None) -> None:
+    """Render the clips, in `workers` processes for 64 clips or more.
+
+    Ctrl-C (SIGINT, which a terminal sends to the whole foreground process group) is the parent's alone:
+    the rendering processes start with SIGINT ignored (inherited from the parent, which ignores it while it
+    starts them, so also during their start-up imports) and keep ignoring it. On an interrupt or an error
+    the parent cancels the clips not started and waits for those being rendered (each writes through a
+    temporary file), so no rendering process outlives this call.
+    """
     workers = workers if workers is not None else (os.cpu_count() or 1)
     bar = tqdm(total=len(jobs), desc="rendering clips", unit="clip", disable=not progress or not jobs)
     with bar:
@@ -207,10 +290,23 @@ def _render_all(jobs: list[tuple[dict[str, Any], str, int]], progress: bool, wor
                 _render(job)
                 bar.update()
             return
-        # "spawn" keeps worker start-up independent of whatever threads the caller holds.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for _ in pool.map(_render, jobs, chunksize=16):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            # "spawn" keeps worker start-up independent of whatever threads the caller holds.
+            context = get_context("spawn")
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+            results = pool.map(_render, jobs, chunksize=4)  # submits every job: the workers start here
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+        try:
+            for _ in results:
                 bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
 
 def format_summary(summary: dict[str, Any]) -> Iterable[str]:

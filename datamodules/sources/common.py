@@ -7,7 +7,6 @@ A source turns its annotation files into `Candidate`s (a video and a false fact 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.perturb import Perturbation
-from datamodules.records import RecordError
+from datamodules.records import JSONProblem, RecordError, parse_json
 
 
 class AnnotationError(RecordError):
     """A user error in an annotation file: the message names the file, the item and the field."""
 
     def __init__(self, path: str | os.PathLike, where: str | None, field_name: str | None, problem: str):
+        self._init_args = (path, where, field_name, problem)
         self.path, self.line, self.field = str(path), None, field_name
         location = str(path) + (f", {where}" if where else "")
         what = f"field '{field_name}': " if field_name else ""
@@ -29,16 +29,38 @@ class AnnotationError(RecordError):
 
 
 def load_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file; a missing or malformed file is an `AnnotationError` naming it."""
+    """Parse a JSON file; a missing, malformed or hostile file (see `records.parse_json`) is an
+    `AnnotationError` naming it and, where known, the line or the place in the document."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(path, None, None, f"no such {what} file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise AnnotationError(path, f"line {error.lineno}", None, f"invalid JSON ({error.msg})") from None
+        return parse_json(path.read_text(encoding="utf-8"))
+    except JSONProblem as problem:
+        where = f"line {problem.line}" if problem.line is not None else (
+            f"at {problem.where}" if problem.where else None)
+        raise AnnotationError(path, where, None, problem.problem) from None
     except UnicodeDecodeError:
         raise AnnotationError(path, None, None, "not UTF-8 text") from None
+
+
+def refuse_overwriting_inputs(outputs: Iterable[str | os.PathLike | None],
+                              inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Raise an `AnnotationError` when an output path is one of the input files (same resolved path, or the
+    same file through a link): writing it would destroy the input before it is read in full."""
+    existing = [Path(p) for p in inputs if p is not None]
+    for output in outputs:
+        if output is None:
+            continue
+        output = Path(output)
+        for given in existing:
+            same = output.resolve() == given.resolve()
+            if not same and output.exists() and given.exists():
+                same = os.path.samefile(output, given)
+            if same:
+                raise AnnotationError("command line", None, None,
+                                      f"the output {output} is the input {given}: it would be overwritten; "
+                                      "choose another output path")
 
 
 def require(

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from datamodules.perturb import Skip, normalise_name
 from datamodules.records import QARecord, RecordError, record_from_dict, write_records
-from datamodules.sources.common import AnnotationError, Candidate, files_digest
+from datamodules.sources.common import AnnotationError, Candidate, files_digest, refuse_overwriting_inputs
 from datamodules.writers import (
     FAILED,
     NOT_APPLICABLE,
@@ -327,6 +327,7 @@ def run_import_videochatgpt(args: argparse.Namespace) -> int:
     from datamodules.sources.videochatgpt import import_videochatgpt
 
     try:
+        refuse_overwriting_inputs([args.out], [args.input])
         records, summary = import_videochatgpt(args.input, args.video_ext)
         write_records(args.out, records)
     except RecordError as error:
@@ -347,6 +348,15 @@ def _generate_from_args(args: argparse.Namespace) -> GenerationSummary:
         raise _user_error(f"--source {args.source} gives the categories {allowed}, not {args.category}")
     if args.num < 1:
         raise _user_error("--num must be at least 1")
+    inputs_given = [args.annotations]
+    if args.source == "moma":
+        taxonomy = args.taxonomy or args.annotations.parent / "taxonomy"
+        inputs_given += [args.splits or args.annotations.parent / "splits" / "standard.json"]
+        inputs_given += sorted(taxonomy.glob("*")) if taxonomy.is_dir() else []
+    outputs = [args.out, args.out.with_name(args.out.name + PARTIAL_SUFFIX)]
+    if args.writer == "chat" and not args.no_cache:
+        outputs.append(args.cache or args.out.with_name(args.out.name + ".chat-cache.jsonl"))
+    refuse_overwriting_inputs(outputs, inputs_given)
     rng = random.Random(args.seed)
     if args.source == "moma":
         from datamodules.sources import moma

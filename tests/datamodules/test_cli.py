@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from datamodules.__main__ import build_parser, main
+from datamodules.records import read_records
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,7 +86,35 @@ def test_stats_video_root(tmp_path, capsys):
     assert main(["stats", str(path), "--video-root", str(root)]) == 2
     assert f"outside the video root {root.resolve()}" in capsys.readouterr().err
     path.write_text(json.dumps({**record, "video": "clips/../v.mp4"}) + "\n")
+    root.mkdir()
+    (root / "v.mp4").write_bytes(b"a clip")
     assert main(["stats", str(path), "--video-root", str(root)]) == 0
+
+
+def test_stats_with_a_video_root_reports_the_missing_videos(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    rows = [{"id": f"r{i}", "video": f"clips/v{i}.mp4", "question": "Q?", "answer": "A", "answerable": True}
+            for i in range(9)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    root = tmp_path / "videos"
+    (root / "clips").mkdir(parents=True)
+    for i in (0, 4):
+        (root / "clips" / f"v{i}.mp4").write_bytes(b"a clip")
+    assert main(["stats", str(path), "--video-root", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert line == (f"error: {path}: field 'video': 7 of 9 videos are missing under {root}: clips/v1.mp4, "
+                    "clips/v2.mp4, clips/v3.mp4, clips/v5.mp4, clips/v6.mp4, ...")
+    assert main(["stats", str(path), "--video-root", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_stats_of_an_empty_file_exits_2(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n")
+    assert main(["stats", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {path}: the file holds no records"
 
 
 def test_import_uvqa(tmp_path, capsys):
@@ -159,3 +191,86 @@ def test_every_command_is_registered():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert {"synth", "import-uvqa", "stats"} <= set(commands)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _ignores_sigint(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(ignored & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads process states from /proc")
+def test_ctrl_c_during_parallel_synth_exits_at_once_and_a_rerun_finishes(tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the parent and its rendering processes. These
+    ignore it (a KeyboardInterrupt inside a pool worker can leave the pool hung), the parent cancels the
+    rest: the run exits non-zero within seconds with the resume line, no rendering process outlives it,
+    and the same command run again finishes the dataset."""
+    out = tmp_path / "data"
+    args = [sys.executable, "-m", "datamodules", "synth", "--out", str(out), "--num-videos", "600", "--seed",
+            "0", "--workers", "2"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "videos").glob("v*.mp4"))) < 80 and process.poll() is None:
+            assert time.monotonic() < deadline, "rendering did not start"
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        workers = _children(process.pid)
+        assert len(workers) >= 2, workers
+        assert all(_ignores_sigint(pid) for pid in workers), "the rendering processes take Ctrl-C themselves"
+        os.killpg(process.pid, signal.SIGINT)
+        started = time.monotonic()
+        _, stderr = process.communicate(timeout=30)
+        seconds = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0
+    assert seconds < 10, f"took {seconds:.1f} s to stop"
+    assert "rerun the same command to resume" in stderr.strip().splitlines()[-1], stderr[-2000:]
+    assert "Traceback" not in stderr
+    deadline = time.monotonic() + 5
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _group_alive(process.pid), "a rendering process outlived the run"
+    rendered = len(list((out / "videos").glob("v*.mp4")))
+    assert rendered < 600 and not (out / "train.jsonl").exists()
+
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"({600 - rendered} rendered now)" in done.stdout
+    assert len(list((out / "videos").glob("v*.mp4"))) == 600
+    assert read_records(out / "train.jsonl")[0]
+
+
+def test_synth_into_a_folder_with_someone_elses_records_refuses(tmp_path, capsys):
+    mine = tmp_path / "train.jsonl"
+    mine.write_text('{"id": "a", "video": "v.mp4", "question": "Q?", "answer": "A", "answerable": true}\n')
+    before = mine.read_bytes()
+    assert main(["synth", "--out", str(tmp_path), "--num-videos", "2", "--seed", "0", "--frames", "2",
+                 "--size", "32"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path} is not empty and was not built by synth")
+    assert mine.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]

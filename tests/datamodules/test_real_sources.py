@@ -370,3 +370,38 @@ def test_import_videochatgpt_bad_item(tmp_path: Path, capsys) -> None:
                                 {"video_id": "v_2", "a": "x"}]))
     assert main(["import-videochatgpt", "--input", str(path), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "qa.json, item 1: field 'q': missing" in capsys.readouterr().err
+
+
+# ==================================================================================== output = input
+@pytest.mark.parametrize("importer", ["videochatgpt", "generate-moma", "generate-moma-splits",
+                                      "generate-moma-taxonomy", "generate-didemo"])
+def test_an_importer_refuses_an_output_that_is_its_input(tmp_path: Path, capsys, importer) -> None:
+    """Copies of the inputs, the output given as one of them (by another spelling of the path): one line,
+    exit status 2, the input unchanged and no partial file beside it."""
+    import shutil
+
+    shutil.copytree(FIXTURES, tmp_path / "fixtures")
+    moma_dir = tmp_path / "fixtures" / "moma"
+    inputs = {
+        "videochatgpt": tmp_path / "fixtures" / "videochatgpt" / "VideoInstruct_Dataset.json",
+        "generate-moma": moma_dir / "anns.json",
+        "generate-moma-splits": moma_dir / "splits" / "standard.json",
+        "generate-moma-taxonomy": moma_dir / "taxonomy" / "object.json",
+        "generate-didemo": tmp_path / "fixtures" / "didemo" / "train_data.json",
+    }
+    victim = inputs[importer]
+    out = victim.parent / ".." / victim.parent.name / victim.name  # the same file, spelled differently
+    if importer == "videochatgpt":
+        args = ["import-videochatgpt", "--input", str(victim), "--out", str(out)]
+    elif importer == "generate-didemo":
+        args = ["generate", "--source", "didemo", "--annotations", str(victim), "--category", "attribute",
+                "--num", "2", "--out", str(out)]
+    else:
+        args = ["generate", "--source", "moma", "--annotations", str(moma_dir / "anns.json"),
+                "--category", "object", "--num", "2", "--out", str(out)]
+    before = {p: p.read_bytes() for p in (tmp_path / "fixtures").rglob("*") if p.is_file()}
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is the input" in err[0] and victim.name in err[0], err
+    after = {p: p.read_bytes() for p in (tmp_path / "fixtures").rglob("*") if p.is_file()}
+    assert after == before

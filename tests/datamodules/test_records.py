@@ -353,3 +353,50 @@ def test_read_predictions_names_file_line_and_field(tmp_path, text, required, li
     assert (error.value.path, error.value.line, error.value.field) == (str(path), line, field)
     with pytest.raises(RecordError, match="no such predictions file"):
         read_predictions(tmp_path / "missing.jsonl")
+
+
+# ------------------------------------------------------------------------------------ hostile input
+@pytest.mark.parametrize(
+    ("line", "problem", "field_name"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply", None),
+        ('{"id": ' + "9" * 5000 + "}", "a number too long", None),
+        (json.dumps(good(question="What colour is \ud800?")), "lone UTF-16 surrogate", "question"),
+        (json.dumps(good(meta={"tags": ["ok", "\udfff"]})), "lone UTF-16 surrogate", "meta.tags[1]"),
+        ('{"id": NaN}', "non-standard JSON constant NaN", None),
+    ],
+    ids=["deep-nesting", "huge-integer", "lone-surrogate", "surrogate-in-meta", "nan"],
+)
+def test_hostile_json_is_an_error_naming_the_file_and_line(tmp_path, line, problem, field_name):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(good(id="first")) + "\n" + line + "\n", encoding="utf-8")
+    error = first_error(path)
+    assert error.path == str(path) and error.line == 2 and problem in str(error)
+    assert error.field == field_name
+    assert "\n" not in str(error) and len(str(error)) < 300
+
+
+def test_a_valid_surrogate_pair_is_one_character_and_accepted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "a", "video": "v.mp4", "question": "Is it \\ud83d\\ude00?", "answer": "yes", '
+                    '"answerable": true}\n', encoding="utf-8")
+    records, _ = read_records(path)
+    assert records[0].question == "Is it \U0001f600?"
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"], ids=["empty", "blank-lines"])
+def test_a_file_without_records_is_an_error_unless_allowed(tmp_path, content):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content, encoding="utf-8")
+    error = first_error(path)
+    assert error.path == str(path) and "holds no records" in str(error)
+    assert read_records(path, allow_empty=True) == ([], [])
+
+
+def test_record_errors_pickle_with_their_message_and_fields():
+    import pickle
+
+    error = RecordError("f.jsonl", 3, "question", "is empty")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is RecordError and str(again) == str(error)
+    assert (again.path, again.line, again.field) == ("f.jsonl", 3, "question")

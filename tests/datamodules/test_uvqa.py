@@ -143,3 +143,43 @@ def test_import_writes_atomically(tmp_path):
     with pytest.raises(RecordError):
         import_uvqa(write(tmp_path / "bad.json", [item(vid="")]), "object", out)
     assert len(out.read_text().splitlines()) == 1  # the old output is untouched
+
+
+@pytest.mark.parametrize(
+    ("content", "problem", "where"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply", None),
+        ('[{"vid": ' + "7" * 5000 + "}]", "a number too long", None),
+        (json.dumps([item(), item(new_question="Is the \ud800 red?")]), "lone UTF-16 surrogate",
+         "at [1].new_question"),
+    ],
+    ids=["deep-nesting", "huge-integer", "lone-surrogate"],
+)
+def test_hostile_json_is_one_error_naming_the_file(tmp_path, content, problem, where):
+    path = write(tmp_path / "eval_object.json", content)
+    with pytest.raises(RecordError) as info:
+        read_uvqa(path, "object")
+    message = str(info.value)
+    assert message.startswith(f"{path}") and problem in message and "\n" not in message
+    if where:
+        assert where in message
+    # The command line: exit status 2, one line, no output file.
+    from datamodules.__main__ import main
+
+    out = tmp_path / "out.jsonl"
+    assert main(["import-uvqa", "--input", str(path), "--category", "object", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_import_uvqa_refuses_to_write_over_its_input(tmp_path, capsys):
+    from datamodules.__main__ import main
+
+    path = write(tmp_path / "eval_object.json", [item()])
+    before = path.read_bytes()
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    for out in (path, tmp_path / "." / "eval_object.json", link):
+        assert main(["import-uvqa", "--input", str(path), "--category", "object", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is the input" in err[0], err
+        assert path.read_bytes() == before

@@ -259,6 +259,55 @@ def test_training_order_depends_on_seed_and_epoch_only(synthetic_data, processor
     assert list(sampler) != first
 
 
+def test_the_synthetic_world_is_built_only_when_asked_and_only_into_an_empty_folder(processor, tmp_path):
+    from datamodules.shapes.dataset import SyntheticDatasetError
+
+    data = tmp_path / "data"
+    settings = dict(data_dir=str(data), num_frames=2, synthetic_videos=4, processor=processor)
+    AnswerabilityDataModule(**settings).prepare_data()
+    assert not data.exists(), "not asked for: nothing built"
+    module = AnswerabilityDataModule(**settings, synthetic=True)
+    module.prepare_data()
+    assert {p.name for p in data.iterdir()} >= {"train.jsonl", "val.jsonl", "test.jsonl", "synth.json"}
+    train = (data / "train.jsonl").stat().st_mtime_ns
+    module.prepare_data()
+    assert (data / "train.jsonl").stat().st_mtime_ns == train, "a finished folder is used as it is"
+    module.setup("fit")
+    assert len(module.datasets["train"]) > 0
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_bytes((data / "train.jsonl").read_bytes())
+    with pytest.raises(SyntheticDatasetError, match="not empty and was not built by synth"):
+        AnswerabilityDataModule(**{**settings, "data_dir": str(mine)}, synthetic=True).prepare_data()
+    assert [p.name for p in mine.iterdir()] == ["train.jsonl"]
+
+
+def test_an_interrupted_synthetic_build_is_refused_by_the_datamodule(processor, synthetic_data, tmp_path):
+    import shutil
+
+    from datamodules.shapes.dataset import SyntheticDatasetError
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    manifest = json.loads((data / "synth.json").read_text())
+    (data / "synth.json").write_text(json.dumps({**manifest, "complete": False}))
+    module = AnswerabilityDataModule(data_dir=str(data), num_frames=2, processor=processor)
+    with pytest.raises(SyntheticDatasetError, match="last synth build was interrupted.*rerun it to finish"):
+        module.setup("fit")
+
+
+def test_a_mix_that_leaves_no_records_is_an_error_naming_the_file(processor, synthetic_data, tmp_path):
+    rows = [r for r in record_rows(synthetic_data) if not r["answerable"]]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    module = AnswerabilityDataModule(data_dir=str(tmp_path), train_file=str(train), val_file=None,
+                                     video_root=str(synthetic_data), unanswerable_fraction=0.0, num_frames=2,
+                                     processor=processor)
+    with pytest.raises(RecordError, match=r"train\.jsonl: no records left for train_file after "
+                       r"unanswerable_fraction=0\.0"):
+        module.setup("fit")
+
+
 # --------------------------------------------------------------------------------------------- fit
 def test_fit_sft_smoke(tmp_path, cli_args, run_main, synthetic_data):
     """Full fine-tuning SFT for 2 steps: losses logged, a checkpoint of the trainable weights only (no frozen

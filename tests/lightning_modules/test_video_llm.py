@@ -70,3 +70,85 @@ def test_the_tiny_model_takes_the_configured_attention_implementation():
                        for k in (SDPA_PADDING_SAFE, "eager"))
     torch.testing.assert_close(eager[0, 2:], sdpa[0, 2:], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(eager[1], sdpa[1], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- missing paths
+@pytest.mark.parametrize(
+    "name, path_like",
+    [("llava-hf/LLaVA-NeXT-Video-7B-hf", False), ("gpt2", False), ("outputs/shapes/base/hf_model", True),
+     ("./model", True), ("/models/x", True), ("~/x", True), ("mine/model", True), ("owner/model", False)],
+)
+def test_path_like_names(name, path_like, tmp_path, monkeypatch):
+    from lightning_modules.video_llm import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()  # a folder named by the leading part: a path, not a hub id
+    assert looks_like_path(name) == path_like
+
+
+def test_a_missing_local_model_is_one_error_naming_it(tmp_path, monkeypatch):
+    from lightning_modules.video_llm import ModelPathError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelPathError) as info:
+        load_video_llm(VideoLLMConfig(name_or_path="./outputs/shapes/base/hf_model"))
+    assert str(info.value) == ("model.name_or_path: ./outputs/shapes/base/hf_model does not exist; it is "
+                               "made by `python main.py fit -c configs/shapes/base.yaml`")
+    with pytest.raises(ModelPathError, match=r"^model.name_or_path: /nowhere/model does not exist$"):
+        load_video_llm(VideoLLMConfig(name_or_path="/nowhere/model"))
+    with pytest.raises(ModelPathError, match="model.vision_tower: outputs/shapes/vision_tower does not "
+                       "exist; it is made by `python main.py fit -c configs/shapes/vision.yaml`"):
+        load_video_llm(VideoLLMConfig(vision_tower="outputs/shapes/vision_tower"))
+
+
+# ------------------------------------------------------------------------------------- atomic export
+SMALL = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32, "text_layers": 1,
+         "text_heads": 2}
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatch):
+    from lightning_modules.video_llm import save_hf
+
+    model, processor = load_video_llm(VideoLLMConfig(tiny=TinyArchitecture(**SMALL)))
+    folder = save_hf(model, processor, tmp_path / "hf_model", {"base": "tiny"})
+    before = files_of(folder)
+    reference = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(processor, "save_pretrained", killed)  # after the new weights are written
+    with pytest.raises(KeyboardInterrupt):
+        save_hf(model, processor, folder, {"base": "tiny"})
+    assert files_of(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf_model"], "no temporary folder left"
+    loaded, _ = load_video_llm(VideoLLMConfig(name_or_path=str(folder)))  # the old export, whole
+    state = loaded.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[name], tensor) for name, tensor in reference.items())
+
+    monkeypatch.undo()
+    save_hf(model, processor, folder, {"base": "tiny"})
+    assert files_of(folder) != before and [p.name for p in tmp_path.iterdir()] == ["hf_model"]
+
+
+def test_an_export_killed_between_its_renames_is_put_back(tmp_path):
+    from lightning_modules.video_llm import replacing_folder
+
+    folder = tmp_path / "hf_model"
+    aside = tmp_path / ".hf_model.replaced-x1"
+    aside.mkdir()
+    (aside / "config.json").write_text("old")
+    (tmp_path / ".hf_model.exporting-x2").mkdir()  # a killed export's half-written folder
+    with pytest.raises(RuntimeError), replacing_folder(folder) as temporary:
+        (temporary / "config.json").write_text("new")
+        raise RuntimeError("failed")
+    assert (folder / "config.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["hf_model"]

@@ -110,3 +110,26 @@ def _heads(folder):
 
     heads = load_file(str(folder / "cell_heads.safetensors"))
     return heads["weight"], heads["bias"]
+
+
+def test_an_interrupted_tower_export_leaves_the_previous_tower(tmp_path, monkeypatch):
+    from transformers import CLIPVisionModel
+
+    module = VisionPretraining(TinyArchitecture(**ARCH))
+    monkeypatch.setattr(module, "typical_logit", lambda: 1.0)  # needs a trainer's validation data
+    folder = module.save_tower(tmp_path / "tower")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "cell_heads.json", "cell_heads.safetensors"} <= set(before)
+    with torch.no_grad():
+        for parameter in module.tower.parameters():
+            parameter.add_(1.0)
+
+    def killed(_folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_heads", killed)  # the tower's new weights are written by then
+    with pytest.raises(KeyboardInterrupt):
+        module.save_tower(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["tower"]
+    CLIPVisionModel.from_pretrained(folder)

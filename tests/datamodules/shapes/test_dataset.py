@@ -9,9 +9,11 @@ import pytest
 
 from datamodules.records import CATEGORIES, REFUSAL_TEMPLATE, read_records
 from datamodules.shapes.dataset import (
+    GENERATOR_VERSION,
     SPLITS,
     SyntheticDatasetError,
     build_synthetic_dataset,
+    check_synthetic_folder,
     format_summary,
     split_videos,
 )
@@ -214,3 +216,72 @@ def test_format_summary(built):
     assert "20 videos" in lines[0]
     assert [line.split(":")[0].strip() for line in lines[1:]] == list(SPLITS)
     assert all("records" in line and "unanswerable" in line and "object" in line for line in lines[1:])
+
+
+# ------------------------------------------------------------------------------ whose folder, how complete
+def test_a_folder_with_other_files_is_refused_and_left_as_it_was(tmp_path):
+    """The user's own data without the builder's manifest (e.g. their train.jsonl, no val.jsonl)."""
+    mine = tmp_path / "train.jsonl"
+    mine.write_text('{"id": "mine"}\n')
+    with pytest.raises(SyntheticDatasetError, match="not empty and was not built by synth"):
+        build_synthetic_dataset(tmp_path, 3, seed=0, **SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"] and mine.read_text() == '{"id": "mine"}\n'
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SyntheticDatasetError, match="not empty"):
+        build_synthetic_dataset(tmp_path / "file", 3, seed=0, **SMALL)
+
+
+def test_the_manifest_records_the_clip_count_and_whether_the_build_finished(built):
+    out, _ = built
+    manifest = json.loads((out / "synth.json").read_text())
+    assert manifest["records"] == {"num_videos": 20, "fractions": [0.8, 0.1, 0.1], "describe": ["train"]}
+    assert manifest["complete"] is True and manifest["generator_version"] == GENERATOR_VERSION
+    assert check_synthetic_folder(out) == manifest
+    assert check_synthetic_folder(out / "videos") is None, "not a synth folder"
+
+
+def test_an_interrupted_growth_is_refused_until_rerun(built, tmp_path, monkeypatch):
+    """Growing a 20-clip set to 25 is interrupted after the new clips, before the record files: the old
+    20-clip train.jsonl beside the new clips is never taken for the 25-clip set."""
+    import shutil
+
+    import datamodules.shapes.dataset as dataset
+
+    out = tmp_path / "data"
+    shutil.copytree(built[0], out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "write_records", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_synthetic_dataset(out, 25, seed=3, **SMALL)
+    monkeypatch.undo()
+    assert len(list((out / "videos").glob("*.mp4"))) == 25
+    assert len({r.video for r in read_records(out / "train.jsonl")[0]}) == 16, "the old record file"
+    with pytest.raises(SyntheticDatasetError, match="interrupted") as info:
+        check_synthetic_folder(out)
+    assert f"synth --out {out} --num-videos 25 --seed 3 --frames 4 --size 48 --fps 4 --split 0.8,0.1,0.1 " \
+           "--describe train" in str(info.value)
+    summary = build_synthetic_dataset(out, 25, seed=3, **SMALL)
+    assert summary["rendered"] == 0 and check_synthetic_folder(out)["records"]["num_videos"] == 25
+    assert sum(len({r.video for r in records}) for records in load(out).values()) == 25
+
+
+def test_a_folder_of_the_first_generator_version_gets_a_clear_message_and_is_updated(built, tmp_path):
+    import shutil
+
+    out = tmp_path / "data"
+    shutil.copytree(built[0], out)
+    manifest = json.loads((out / "synth.json").read_text())
+    old = {"generator_version": 1, "seed": manifest["seed"], "world": manifest["world"]}
+    (out / "synth.json").write_text(json.dumps(old))
+    with pytest.raises(SyntheticDatasetError, match="generator version 1, not 2: rerun the synth command"):
+        check_synthetic_folder(out)
+    before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
+    assert build_synthetic_dataset(out, 20, seed=3, **SMALL)["rendered"] == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before, "version 1 wrote the same files"
+    assert check_synthetic_folder(out)["complete"]
+    (out / "synth.json").write_text(json.dumps({**old, "generator_version": 99}))
+    with pytest.raises(SyntheticDatasetError, match="version 99"):
+        build_synthetic_dataset(out, 20, seed=3, **SMALL)
