@@ -138,6 +138,12 @@ class ChatCollator:
     `mode`: "sft" (prompt + gold answer, labels on the answer only), "dpo" (chosen rows then rejected rows),
     "generate" (prompt only, plus prompt + refusal opening for the refusal likelihood).
     A prompt longer than `max_length` is an error, never truncated (it would cut through video tokens).
+
+    Every response is labelled up to and including the tokenizer's end-of-turn token (`eos_token`: `</s>`
+    for the Llama/Vicuna families, `<|im_end|>` for ChatML ones), so that training teaches the model to stop.
+    Templates that close the assistant turn with it already (ChatML) are used as they are; for those that do
+    not (the llava-hf Vicuna templates render the turn as `text + ' '`), the token is appended to the
+    response text before rendering, as the original LLaVA conversation format (`ASSISTANT: text</s>`) has it.
     """
 
     # Conversations whose text and response spans are kept, so later epochs skip the chat template (each
@@ -148,17 +154,33 @@ class ChatCollator:
         self.processor, self.mode, self.max_length = processor, mode, max_length
         self.tokenizer = processor.tokenizer
         self._spans: dict[tuple, tuple[str, int, tuple[tuple[int, int], ...]]] = {}
+        self._end_of_turn: str | None = None
 
     @staticmethod
-    def _conversation(turns: Sequence[tuple[str, str | None]]) -> list[dict]:
-        """Chat messages for (question, response) turns; the clip comes with the first question."""
+    def _conversation(turns: Sequence[tuple[str, str | None]], end: str = "") -> list[dict]:
+        """Chat messages for (question, response) turns; the clip comes with the first question; `end` is
+        appended to every response."""
         messages: list[dict] = []
         for index, (question, response) in enumerate(turns):
             content = [{"type": "video"}] if index == 0 else []
             messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
             if response is not None:
-                messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": response + end}]})
         return messages
+
+    @property
+    def end_of_turn(self) -> str:
+        """What the collator appends to each response: the tokenizer's `eos_token` when the chat template does
+        not put it right after the response (whitespace aside), else nothing."""
+        if self._end_of_turn is None:
+            eos = self.tokenizer.eos_token
+            marker = "RESPONSE_END_PROBE"
+            text = self.processor.apply_chat_template(
+                self._conversation([("question", marker)]), add_generation_prompt=False, tokenize=False
+            )
+            after = text[text.index(marker) + len(marker) :].lstrip()
+            self._end_of_turn = "" if not eos or after.startswith(eos) else eos
+        return self._end_of_turn
 
     def prompt(self, question: str) -> str:
         return self.processor.apply_chat_template(
@@ -169,8 +191,9 @@ class ChatCollator:
         return self._chat([(question, response)])
 
     def _chat(self, turns: Sequence[tuple[str, str | None]], generation_prompt: bool = False) -> str:
+        messages = self._conversation(turns, self.end_of_turn)
         text = self.processor.apply_chat_template(
-            self._conversation(turns), add_generation_prompt=generation_prompt, tokenize=False
+            messages, add_generation_prompt=generation_prompt, tokenize=False
         )
         return text if generation_prompt else text.rstrip()
 
