@@ -23,7 +23,13 @@ from lightning.pytorch.loggers import WandbLogger
 from datamodules.answerability import read_predictions
 from datamodules.records import write_jsonl
 from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
-from lightning_modules.video_llm import VideoLLMConfig, count_parameters, load_video_llm, save_hf
+from lightning_modules.video_llm import (
+    VideoLLMConfig,
+    count_parameters,
+    load_video_llm,
+    save_hf,
+    set_training_mode,
+)
 from metrics.answerability import (
     AnswerabilityAUROC,
     AnswerabilityMetrics,
@@ -148,6 +154,13 @@ class AlignmentModule(L.LightningModule):
             and self.reference is None
         ):
             self.reference = copy.deepcopy(self.llm).eval().requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        # Lightning keeps the modes modules have; a loaded checkpoint comes in eval mode (see
+        # `set_training_mode`). The frozen reference copy stays in eval mode.
+        set_training_mode(self.llm, self.config)
+        if self.reference is not None:
+            self.reference.eval()
 
     # ------------------------------------------------------------------------------------ training
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:

@@ -161,6 +161,20 @@ def prepare_for_training(model: nn.Module, config: VideoLLMConfig) -> nn.Module:
     return model
 
 
+def set_training_mode(model: nn.Module, config: VideoLLMConfig) -> nn.Module:
+    """Train mode for fine-tuning, the frozen vision tower(s) excepted (kept in eval mode).
+
+    `from_pretrained` returns a model in eval mode and Lightning (2.2+) keeps module modes in `fit`, so
+    without this a loaded checkpoint trains in eval mode: transformers then skips gradient checkpointing
+    (it recomputes layers in train mode only) and dropout is off.
+    """
+    model.train()
+    if config.freeze_vision_tower:
+        for module in vision_modules(model):
+            module.eval()
+    return model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

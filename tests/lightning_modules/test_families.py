@@ -123,9 +123,10 @@ END_OF_TURN = {"llava_next_video": "</s>", "video_llava": "</s>", "qwen2_vl": "<
 @families
 @pytest.mark.parametrize("template", ["real", "test"])
 def test_labels_end_with_the_end_of_turn_token_whatever_the_template(family, template, items, tmp_path):
-    """With the family's real chat template (the llava-hf Vicuna ones render the assistant turn as `text + ' '`,
-    no `</s>`) and with the tests' templates (which close the turn themselves): SFT and DPO labels are exactly
-    the response's tokens plus the family's end-of-turn token, once, and the response text is unchanged."""
+    """With the family's real chat template (the llava-hf Vicuna ones render the assistant turn as
+    `text + ' '`, no `</s>`) and with the tests' templates (which close the turn themselves): SFT and DPO
+    labels are exactly the response's tokens plus the family's end-of-turn token, once, and the response
+    text is unchanged."""
     chosen = real_template(family) if template == "real" else TEST_TEMPLATES[family]
     folder = FAMILIES[family](tmp_path / family, VOCABULARY, chosen)
     _, processor = load_video_llm(VideoLLMConfig(name_or_path=str(folder), num_frames=4))
@@ -139,7 +140,8 @@ def test_labels_end_with_the_end_of_turn_token_whatever_the_template(family, tem
         assert text.count(response) == 1 and text.count(tokenizer.eos_token + tokenizer.eos_token) == 0
     answers = [r.answer for r in RECORDS]
     assert_labels_cover(collator(items), tokenizer, answers)
-    assert_labels_cover(ChatCollator(processor, "dpo")(items), tokenizer, answers + [r.rejected for r in RECORDS])
+    rejected = [r.rejected for r in RECORDS]
+    assert_labels_cover(ChatCollator(processor, "dpo")(items), tokenizer, answers + rejected)
     batch = collator(items)
     for row, answer in enumerate(answers):
         scored = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
