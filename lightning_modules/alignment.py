@@ -30,6 +30,7 @@ from lightning_modules.video_llm import (
     save_hf,
     set_training_mode,
 )
+from lightning_modules.video_llm import disable_dropout as _disable_dropout
 from metrics.answerability import (
     AnswerabilityAUROC,
     AnswerabilityMetrics,
@@ -77,6 +78,7 @@ class AlignmentModule(L.LightningModule):
         paired: bool = True,
         f0_predictions: str | None = None,
         output_dir: str | None = None,
+        disable_dropout: bool | None = None,
     ):
         """
         Args:
@@ -91,11 +93,17 @@ class AlignmentModule(L.LightningModule):
             f0_predictions: in `test`, take f0's responses from this predictions file (joined on `id`).
             output_dir: the run's folder: checkpoints, the exported model, `test`/`predict` files;
                 defaults to the trainer's `default_root_dir`.
+            disable_dropout: turn every dropout of the model off (each `nn.Dropout`, LoRA's `lora_dropout`
+                included, and the dropout rates in the model's configs). None (default): on for DPO, off for
+                SFT. As TRL's `disable_dropout=True`: with LoRA the reference pass (adapters disabled) has no
+                adapter dropout, so dropout in the policy pass would put noise into DPO's log-ratios.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["judge"])
         self.config = model or VideoLLMConfig()
         self.llm, self.processor = load_video_llm(self.config)
+        if disable_dropout if disable_dropout is not None else objective == "dpo":
+            _disable_dropout(self.llm)
         self.judge = judge or ExactMatchJudge()
         self.reference: torch.nn.Module | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only

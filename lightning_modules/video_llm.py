@@ -175,6 +175,43 @@ def set_training_mode(model: nn.Module, config: VideoLLMConfig) -> nn.Module:
     return model
 
 
+# Float attributes through which HF modules apply dropout functionally (e.g. attention modules'
+# `attention_dropout`, read at each forward); config fields of these names are zeroed too, so a saved config
+# agrees.
+DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "attn_dropout",
+                      "resid_dropout", "embd_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                      "projector_dropout")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of `model` off, in train mode as in eval mode: each `nn.Dropout` gets p = 0 (LoRA's
+    `lora_dropout` modules included, and peft's config says 0), and the dropout rates that modules and
+    configs (the model's and its sub-configs) hold as floats become 0."""
+    configs = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and all(config is not seen for seen in configs):
+            configs.append(config)
+    while configs:
+        config = configs.pop()
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
+        for key in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None:
+                configs.append(sub)
+    for peft_config in (getattr(model, "peft_config", None) or {}).values():
+        if hasattr(peft_config, "lora_dropout"):
+            peft_config.lora_dropout = 0.0
+    return model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

@@ -11,9 +11,20 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.answerability import AnswerabilityDataModule
+from datamodules.answerability import AnswerabilityDataModule, ChatCollator, Example
+from datamodules.records import read_records
+from datamodules.video import read_video
 from lightning_modules.alignment import AlignmentModule
-from lightning_modules.video_llm import VideoLLMConfig, vision_modules
+from lightning_modules.losses import sequence_logps
+from lightning_modules.video_llm import (
+    LoraSettings,
+    VideoLLMConfig,
+    disable_dropout,
+    load_video_llm,
+    save_hf,
+    set_training_mode,
+    vision_modules,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -68,3 +79,70 @@ def test_fit_trains_a_loaded_checkpoint_in_train_mode_so_checkpointing_recompute
     # DPO's reference is a deep copy made at `setup`, hook included: one more pass a step, without gradients.
     per_step = (2 if checkpointing else 1) + (objective == "dpo")
     assert len(calls) == 2 * per_step, calls
+
+
+def dpo_batch(module: AlignmentModule, synthetic_data: Path, count: int = 2) -> dict:
+    records, _ = read_records(synthetic_data / "train.jsonl", synthetic_data)
+    items = [(Example(r, str(synthetic_data / r.video), r.rejected), read_video(synthetic_data / r.video,
+                                                                                NUM_FRAMES))
+             for r in records[:count]]
+    return ChatCollator(module.processor, "dpo")(items)
+
+
+@pytest.fixture(scope="module")
+def base_with_dropout(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base saved with attention dropout 0.5 in its text config (read by each attention module)."""
+    model, processor = load_video_llm(VideoLLMConfig(name_or_path=str(tiny_base)))
+    model.config.text_config.attention_dropout = 0.5
+    return save_hf(model, processor, tmp_path_factory.mktemp("dropout") / "base")
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dpo_disables_dropout_so_policy_equals_reference_at_init(disable, base_with_dropout, synthetic_data):
+    """LoRA dropout 0.5 on a base with attention dropout 0.5, in train mode. Dropout disabled (the DPO
+    default): at init the policy's log-probabilities of a pair equal the reference's (adapters disabled), and
+    with non-zero adapters one pass equals the next. Dropout kept: the policy differs from the reference at
+    init, and with non-zero adapters (LoRA's B starts at 0, hiding its dropout) from one pass to the next."""
+    torch.manual_seed(0)
+    config = VideoLLMConfig(name_or_path=str(base_with_dropout), num_frames=NUM_FRAMES,
+                            lora=LoraSettings(r=4, alpha=8, dropout=0.5))
+    module = AlignmentModule(model=config, objective="dpo", **({} if disable else {"disable_dropout": False}))
+    set_training_mode(module.llm, module.config)
+    assert module.llm.training
+    batch = dpo_batch(module, synthetic_data)
+
+    def logps():
+        return sequence_logps(module(batch), batch["labels"])[0]
+
+    with torch.no_grad():
+        policy = logps()
+        with module.llm.disable_adapter():
+            reference = logps()
+        for name, parameter in module.llm.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+        first, second = logps(), logps()
+    dropouts = [m for n, m in module.llm.named_modules() if n.endswith("lora_dropout.default")]
+    if disable:
+        assert dropouts and all(m.p == 0 for m in dropouts)
+        assert module.llm.peft_config["default"].lora_dropout == 0
+        torch.testing.assert_close(policy, reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+    else:
+        assert dropouts and all(m.p == 0.5 for m in dropouts)
+        assert not torch.allclose(policy, reference, atol=1e-3), "dropout noise in one pass, not the other"
+        assert not torch.allclose(first, second, atol=1e-3), "dropout noise differs run to run"
+
+
+def test_disable_dropout_zeroes_modules_and_configs(tiny_base):
+    """Every nn.Dropout and every float dropout rate of modules and configs (sub-configs too) becomes 0."""
+    model, _ = load_video_llm(VideoLLMConfig(name_or_path=str(tiny_base), lora=LoraSettings(dropout=0.3)))
+    model.config.text_config.attention_dropout = 0.2
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.2
+    disable_dropout(model)
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates += [m.attention_dropout for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert len(rates) > 4 and set(rates) == {0.0}
+    assert model.config.text_config.attention_dropout == 0.0
