@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -82,6 +84,12 @@ class VideoLLMConfig:
     """Weights' dtype when loading a checkpoint (float32, bfloat16, float16)."""
     trust_remote_code: bool = False
     """Allow a checkpoint's own modelling code (off unless a config turns it on)."""
+    video_max_pixels: int | None = 360 * 420
+    """Most pixels per video frame after resizing, for video processors that resize to a pixel budget
+    (Qwen2-VL / Qwen2.5-VL: `size["longest_edge"]`); the Qwen2.5-VL model card's advice for video is
+    360 * 420. A checkpoint's own video limit can be far larger (12.8M pixels, from its image processor
+    config): a 720p clip then gives ~600 tokens a frame. None keeps the processor's. Other processors ignore
+    it."""
     attn_implementation: str | None = SDPA_PADDING_SAFE
     """E.g. "sdpa", "eager" or "flash_attention_2" (the tiny model too); None lets transformers choose.
     The default is transformers' SDPA with a mask that lets a left-padding row attend somewhere (no NaN)."""
@@ -115,11 +123,30 @@ def load_video_llm(config: VideoLLMConfig, vocabulary: list[str] | None = None) 
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
             processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    limit_video_pixels(processor, config.video_max_pixels)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # batched generation appends after the prompt
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return prepare_for_training(model, config), processor
+
+
+def limit_video_pixels(processor: Any, max_pixels: int | None) -> None:
+    """Cap the pixels per frame of a video processor that resizes to a pixel budget: Qwen2-VL's kind, whose
+    `size` holds `shortest_edge` and `longest_edge` as pixel counts and which has a `temporal_patch_size`
+    (the minimum is lowered to the cap if above it). Other processors are left as they are."""
+    video_processor = getattr(processor, "video_processor", None)
+    size = getattr(video_processor, "size", None)
+    if max_pixels is None or size is None or not hasattr(video_processor, "temporal_patch_size"):
+        return
+    get = size.get if isinstance(size, dict) else functools.partial(getattr, size)
+    if get("shortest_edge", None) is None or get("longest_edge", None) is None:
+        return
+    limits = {"shortest_edge": min(int(get("shortest_edge", None)), max_pixels), "longest_edge": max_pixels}
+    if isinstance(size, dict):
+        video_processor.size = {**size, **limits}
+    else:
+        video_processor.size = dataclasses.replace(size, **limits)
 
 
 # Attribute names of the vision tower(s) in the HF video-LLM families (Video-LLaVA has an image and a video

@@ -8,11 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from transformers import AutoProcessor
 
 from datamodules.answerability import AnswerabilityDataModule, ChatCollator, Example
-from datamodules.records import read_records
+from datamodules.records import RecordError, read_records
 from datamodules.video import read_video
 from lightning_modules.alignment import AlignmentModule
 from lightning_modules.losses import sequence_logps
@@ -146,3 +148,41 @@ def test_disable_dropout_zeroes_modules_and_configs(tiny_base):
     rates += [m.attention_dropout for m in model.modules() if hasattr(m, "attention_dropout")]
     assert len(rates) > 4 and set(rates) == {0.0}
     assert model.config.text_config.attention_dropout == 0.0
+
+
+# ------------------------------------------------------------------------------------ video frame size
+@pytest.fixture(scope="module")
+def qwen_with_image_limits(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-VL whose video processor allows 12.8M pixels a frame, as a hub checkpoint whose video
+    limits come from its image processor config."""
+    from tiny_families import EXTRA_WORDS, FAMILIES
+
+    from datamodules.shapes.questions import template_vocabulary
+
+    folder = FAMILIES["qwen2_5_vl"](tmp_path_factory.mktemp("qwen"), template_vocabulary() + EXTRA_WORDS)
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.video_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 12_845_056}
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("height, width", [(720, 1280), (1080, 1920)])
+def test_qwen_video_frames_are_capped_to_the_configured_pixels(height, width, qwen_with_image_limits,
+                                                               synthetic_data):
+    """8 frames of 720p / 1080p: with `video_max_pixels` (default 360 * 420) each frame is resized to at most
+    that many pixels and the prompt fits max_length 1024; with the checkpoint's own limit (None) it does
+    not."""
+    records, _ = read_records(synthetic_data / "train.jsonl", synthetic_data)
+    frames = np.random.default_rng(0).integers(0, 256, (8, height, width, 3), dtype=np.uint8)
+    items = [(Example(records[0], "clip.mp4", records[0].rejected), frames)]
+    _, processor = load_video_llm(VideoLLMConfig(name_or_path=str(qwen_with_image_limits), num_frames=8))
+    batch = ChatCollator(processor, "sft", max_length=1024)(items)
+    t, h, w = batch["video_grid_thw"][0].tolist()
+    assert t == 4 and h * w * 14 * 14 <= 360 * 420, (t, h, w)
+    video_tokens = int((batch["input_ids"] == processor.video_token_id).sum())
+    assert video_tokens == t * h * w // 4 <= 4 * 360 * 420 // (28 * 28)
+
+    _, unlimited = load_video_llm(VideoLLMConfig(name_or_path=str(qwen_with_image_limits), num_frames=8,
+                                                 video_max_pixels=None))
+    with pytest.raises(RecordError, match="over max_length=1024"):
+        ChatCollator(unlimited, "sft", max_length=1024)(items)
