@@ -19,6 +19,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
+from transformers import GenerationConfig
 
 from datamodules.answerability import read_predictions
 from datamodules.records import write_jsonl
@@ -258,10 +259,28 @@ class AlignmentModule(L.LightningModule):
             print(f"exported the {'LoRA adapter' if self.uses_lora else 'model'} to {folder}")
 
     # ---------------------------------------------------------------------------------- generation
+    def greedy_generation_config(self) -> GenerationConfig:
+        """Greedy decoding, whatever the checkpoint's `generation_config` holds: Qwen2.5-VL's ships
+        repetition_penalty 1.05 (which `do_sample=False` alone leaves on) and top_p/top_k/temperature.
+        Only its eos/pad/bos token ids are kept; the sampling settings are the library's neutral values
+        (unused by greedy search)."""
+        config = (self.llm.get_base_model() if self.uses_lora else self.llm).generation_config
+        ids = {k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+        return GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=50,
+            max_new_tokens=self.hparams.max_new_tokens,
+            **ids,
+        )
+
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:
         inputs = self._inputs(batch)
-        output = self.llm.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False)
+        output = self.llm.generate(**inputs, generation_config=self.greedy_generation_config())
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]

@@ -186,3 +186,42 @@ def test_qwen_video_frames_are_capped_to_the_configured_pixels(height, width, qw
                                                  video_max_pixels=None))
     with pytest.raises(RecordError, match="over max_length=1024"):
         ChatCollator(unlimited, "sft", max_length=1024)(items)
+
+
+# ---------------------------------------------------------------------------------------- generation
+def test_greedy_generation_ignores_the_checkpoints_sampling_settings(tiny_base, synthetic_data, monkeypatch):
+    """A checkpoint whose generation_config has repetition_penalty 1.05 and top_p/top_k/temperature (as
+    Qwen2.5-VL's): `generate` decodes greedily with no repetition penalty (the processor never runs), and
+    returns the tokens of step-by-step argmax decoding; `do_sample=False` alone would keep the penalty."""
+    from transformers.generation import logits_process
+
+    torch.manual_seed(0)
+    module = AlignmentModule(model=VideoLLMConfig(name_or_path=str(tiny_base), num_frames=NUM_FRAMES),
+                             max_new_tokens=6)
+    module.llm.generation_config.update(repetition_penalty=1.05, top_p=0.8, top_k=20, temperature=0.7)
+    module.eval()
+    config = module.greedy_generation_config()
+    assert (config.do_sample, config.repetition_penalty, config.max_new_tokens) == (False, 1.0, 6)
+    assert config.eos_token_id == module.llm.generation_config.eos_token_id is not None
+    calls = []
+    real = logits_process.RepetitionPenaltyLogitsProcessor.__call__
+    monkeypatch.setattr(logits_process.RepetitionPenaltyLogitsProcessor, "__call__",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    records, _ = read_records(synthetic_data / "val.jsonl", synthetic_data)
+    items = [(Example(r, str(synthetic_data / r.video)), read_video(synthetic_data / r.video, NUM_FRAMES))
+             for r in records[:1]]
+    batch = ChatCollator(module.processor, "generate")(items)
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values_videos")}
+    with torch.no_grad():
+        output = module.llm.generate(**inputs, generation_config=config)
+        text = module.generate(batch)[0]
+        assert calls == [], "no repetition penalty"
+        new = output[0, inputs["input_ids"].shape[1]:]
+        assert text == module.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        ids = inputs["input_ids"]
+        for _ in range(output.shape[1] - ids.shape[1]):
+            logits = module.llm(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert output.tolist() == ids.tolist()
+        module.llm.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert calls, "the checkpoint's penalty stays on under do_sample=False alone"
