@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 
 from datamodules.answerability import read_predictions
 from datamodules.records import write_jsonl
-from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
+from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps
 from lightning_modules.video_llm import (
     VideoLLMConfig,
     count_parameters,
@@ -118,6 +118,7 @@ class AlignmentModule(L.LightningModule):
             }
         )
         self._rows: list[dict[str, Any]] = []
+        self._window_tokens: torch.Tensor | int = 0  # response tokens of the SFT accumulation window so far
         self._f0_responses: dict[str, str] | None = None
         trainable, total = count_parameters(self.llm)
         log.info("video-LLM %s: %d of %d parameters trainable", self.config.name_or_path, trainable, total)
@@ -176,11 +177,17 @@ class AlignmentModule(L.LightningModule):
         logits = self(batch)
         labels = batch["labels"]
         if self.hparams.objective == "sft":
-            loss = sft_loss(logits, labels)
+            logps, counts = sequence_logps(logits, labels)
+            loss = -logps.sum() / counts.sum().clamp(min=1)  # this batch's token mean (= `sft_loss`)
             self.log(
                 f"{stage}/loss", loss, prog_bar=True, batch_size=labels.shape[0], sync_dist=stage != "train"
             )
-            return loss
+            if stage != "train" or not self._token_normalised_window():
+                return loss
+            # Summed NLL; `on_before_optimizer_step` divides the gradients by the window's response tokens.
+            # Lightning divides what is returned by accumulate_grad_batches: undone here.
+            self._window_tokens = self._window_tokens + counts.sum().detach()
+            return -logps.sum() * self.trainer.accumulate_grad_batches
         logps, counts = sequence_logps(logits, labels)
         with torch.no_grad(), self._reference_context():
             reference = self.reference if self.reference is not None else self.llm
@@ -210,6 +217,31 @@ class AlignmentModule(L.LightningModule):
         self.log_dict(values, prog_bar=False, batch_size=half, sync_dist=stage != "train")
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=half, sync_dist=stage != "train")
         return loss
+
+    def _token_normalised_window(self) -> bool:
+        """Whether SFT gradients are normalised over all response tokens of the accumulation window (as
+        transformers' Trainer and TRL do: summed token NLL / the window's token count, on all ranks together),
+        rather than averaging micro-batch means. Not under DeepSpeed, which owns the gradients: there each
+        micro-batch's token mean is used."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        tokens = getattr(self, "_window_tokens", None)
+        if not isinstance(tokens, torch.Tensor):
+            return
+        total = self.trainer.strategy.reduce(tokens.float(), reduce_op="sum")
+        # DDP/FSDP average gradients over ranks: scaling by world size / global tokens gives sum / tokens.
+        scale = self.trainer.world_size / total.clamp(min=1)
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(scale.to(parameter.grad.dtype))
+        self._window_tokens = 0
+
+    def on_train_epoch_start(self) -> None:
+        self._window_tokens = 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "train")

@@ -5,6 +5,7 @@ limits, greedy generation that is greedy, and SFT loss normalised over the accum
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import lightning as L
@@ -225,3 +226,31 @@ def test_greedy_generation_ignores_the_checkpoints_sampling_settings(tiny_base, 
         assert output.tolist() == ids.tolist()
         module.llm.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert calls, "the checkpoint's penalty stays on under do_sample=False alone"
+
+
+# ------------------------------------------------------------------------------ gradient accumulation
+class GradientRecorder(AlignmentModule):
+    """Records the gradients the optimizer is about to use (after `on_before_optimizer_step`)."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.recorded = {n: p.grad.clone() for n, p in self.llm.named_parameters() if p.grad is not None}
+
+
+def test_sft_accumulation_normalises_over_the_windows_response_tokens(tiny_base, synthetic_data, tmp_path):
+    """2 micro-batches of 2 accumulated give the gradient of one batch of the same 4 examples (float32): the
+    window's summed token NLL over its response tokens, not the mean of the two micro-batch means."""
+    grads, counts = {}, {}
+    for batch_size, accumulate in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        config = VideoLLMConfig(name_or_path=str(tiny_base), num_frames=NUM_FRAMES)
+        module = GradientRecorder(model=config, output_dir=str(tmp_path / str(batch_size)))
+        datamodule = data(synthetic_data, "sft", batch_size=batch_size)
+        trainer(tmp_path / str(batch_size), 1, accumulate_grad_batches=accumulate).fit(module, datamodule)
+        grads[batch_size] = module.recorded
+        loader = datamodule.train_dataloader()
+        batches = [next(iter(loader))] if batch_size == 4 else list(itertools.islice(iter(loader), 2))
+        counts[batch_size] = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert sum(counts[2]) == counts[4][0] and counts[2][0] != counts[2][1], counts
+    assert grads[4].keys() == grads[2].keys() and len(grads[4]) > 10
+    for name, expected in grads[4].items():
+        torch.testing.assert_close(grads[2][name], expected, rtol=1e-5, atol=1e-6, msg=name)
