@@ -131,6 +131,32 @@ class _SkipFirst:
         return len(self.inner)
 
 
+class RecordBatch:
+    """A batch's records, in order: iterable, indexable and sized like a list, but no `Sequence`, so that
+    Lightning's `apply_to_collection` (which precision plugins such as FSDP's run over each batch) leaves it
+    whole instead of rebuilding each `QARecord` (a frozen dataclass, which it cannot)."""
+
+    __slots__ = ("records",)
+
+    def __init__(self, records):
+        self.records = tuple(records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self.records) == list(other) if isinstance(other, (RecordBatch, list, tuple)) else False
+
+    def __repr__(self) -> str:
+        return f"RecordBatch({list(self.records)!r})"
+
+
 class ChatCollator:
     """Turns (example, clip) pairs into model inputs with the processor's chat template (a clip: a `Clip`,
     whose frame rate and frame indices reach the processor, or a bare (T, H, W, 3) frame array).
@@ -306,7 +332,7 @@ class ChatCollator:
                 labels[row, positions[opening:]] = IGNORE_INDEX
             batch["refusal"] = {k: v for k, v in refusal.items() if k != "pixel_values_videos"}
         batch["ids"] = ids
-        batch["records"] = [e.record for e in examples]
+        batch["records"] = RecordBatch(e.record for e in examples)
         return batch
 
 

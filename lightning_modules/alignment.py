@@ -157,6 +157,7 @@ class AlignmentModule(L.LightningModule):
         return self.llm.disable_adapter() if self.uses_lora else nullcontext()
 
     def setup(self, stage: str) -> None:
+        self._uniform_dtype_for_fsdp()
         if (
             stage == "fit"
             and self.hparams.objective == "dpo"
@@ -171,6 +172,20 @@ class AlignmentModule(L.LightningModule):
         set_training_mode(self.llm, self.config)
         if self.reference is not None:
             self.reference.eval()
+
+    def _uniform_dtype_for_fsdp(self) -> None:
+        """FSDP flattens each unit's parameters into one tensor of one dtype, so a bf16 checkpoint with fp32
+        LoRA adapters stops at wrap time ("Must flatten tensors with uniform dtype"). Under FSDP the model
+        is cast to float32 before wrapping; `precision: bf16-mixed` still computes in bf16 (autocast), with
+        fp32 master weights sharded across ranks."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, FSDPStrategy):
+            return
+        dtypes = {p.dtype for p in self.llm.parameters() if p.is_floating_point()}
+        if len(dtypes) > 1:
+            log.info("FSDP: the model's %s parameters cast to float32", sorted(map(str, dtypes)))
+            self.llm.float()
 
     # ------------------------------------------------------------------------------------ training
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
@@ -276,16 +291,27 @@ class AlignmentModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"llm.{name}" for name, p in self.llm.named_parameters() if p.requires_grad}
+        # Under FSDP parameter names carry its wrappers' prefixes; the checkpoint's keys do not.
+        wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+        names = [name for name, p in self.llm.named_parameters() if p.requires_grad]
+        trainable = {"llm." + functools.reduce(lambda n, w: n.replace(w, ""), wrappers, n) for n in names}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_train_end(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        state = None
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Sharded parameters: every rank takes part in gathering the full state dict; rank 0 saves it.
+            full = self.trainer.strategy.lightning_module_state_dict()
+            state = {k.removeprefix("llm."): v for k, v in full.items() if k.startswith("llm.")}
         if self.trainer.is_global_zero:
             folder = save_hf(
                 self.llm,
                 self.processor,
                 self.out_dir / "hf_model",
                 {"base": self.config.name_or_path, "lora": self.uses_lora},
+                state_dict=state,
             )
             log.info("exported the %s to %s", "adapter" if self.uses_lora else "model", folder)
             print(f"exported the {'LoRA adapter' if self.uses_lora else 'model'} to {folder}")

@@ -246,11 +246,33 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def save_hf(model: nn.Module, processor: Any, folder: str | Path, meta: dict | None = None) -> Path:
-    """Save a model (merged full weights, or a peft adapter) with its processor, loadable by name_or_path."""
+def save_hf(
+    model: nn.Module,
+    processor: Any,
+    folder: str | Path,
+    meta: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save a model (merged full weights, or a peft adapter) with its processor, loadable by name_or_path.
+    `state_dict`: the model's full state dict when its own parameters are sharded (FSDP)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    peft_config = getattr(model, "peft_config", None)
+    if state_dict is not None and peft_config:
+        # peft's own filter matches keys against the wrapped model's module names, which FSDP prefixes: the
+        # adapter is written in peft's format (its weights, adapter name removed, and its config) directly.
+        from safetensors.torch import save_file
+
+        (name,) = peft_config
+        adapter = {
+            key.replace(f".{name}.", "."): value.detach().cpu().contiguous()
+            for key, value in state_dict.items()
+            if "lora_" in key
+        }
+        save_file(adapter, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        peft_config[name].save_pretrained(folder)
+    else:
+        model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
     processor.save_pretrained(folder)
     if meta:
         (folder / "answerability.json").write_text(json.dumps(meta, indent=2))
