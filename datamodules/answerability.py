@@ -128,6 +128,32 @@ class _SkipFirst:
         return len(self.inner)
 
 
+class RecordBatch:
+    """A batch's records, in order: iterable, indexable and sized like a list, but no `Sequence`, so that
+    Lightning's `apply_to_collection` (which precision plugins such as FSDP's run over each batch) leaves it
+    whole instead of rebuilding each `QARecord` (a frozen dataclass, which it cannot)."""
+
+    __slots__ = ("records",)
+
+    def __init__(self, records):
+        self.records = tuple(records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self.records) == list(other) if isinstance(other, (RecordBatch, list, tuple)) else False
+
+    def __repr__(self) -> str:
+        return f"RecordBatch({list(self.records)!r})"
+
+
 class ChatCollator:
     """Turns (example, clip) pairs into model inputs with the processor's chat template (a clip: a `Clip`,
     whose frame rate and frame indices reach the processor, or a bare (T, H, W, 3) frame array).
@@ -135,6 +161,12 @@ class ChatCollator:
     `mode`: "sft" (prompt + gold answer, labels on the answer only), "dpo" (chosen rows then rejected rows),
     "generate" (prompt only, plus prompt + refusal opening for the refusal likelihood).
     A prompt longer than `max_length` is an error, never truncated (it would cut through video tokens).
+
+    Every response is labelled up to and including the tokenizer's end-of-turn token (`eos_token`: `</s>`
+    for the Llama/Vicuna families, `<|im_end|>` for ChatML ones), so that training teaches the model to stop.
+    Templates that close the assistant turn with it already (ChatML) are used as they are; for those that do
+    not (the llava-hf Vicuna templates render the turn as `text + ' '`), the token is appended to the
+    response text before rendering, as the original LLaVA conversation format (`ASSISTANT: text</s>`) has it.
     """
 
     # Conversations whose text and response spans are kept, so later epochs skip the chat template (each
@@ -145,17 +177,33 @@ class ChatCollator:
         self.processor, self.mode, self.max_length = processor, mode, max_length
         self.tokenizer = processor.tokenizer
         self._spans: dict[tuple, tuple[str, int, tuple[tuple[int, int], ...]]] = {}
+        self._end_of_turn: str | None = None
 
     @staticmethod
-    def _conversation(turns: Sequence[tuple[str, str | None]]) -> list[dict]:
-        """Chat messages for (question, response) turns; the clip comes with the first question."""
+    def _conversation(turns: Sequence[tuple[str, str | None]], end: str = "") -> list[dict]:
+        """Chat messages for (question, response) turns; the clip comes with the first question; `end` is
+        appended to every response."""
         messages: list[dict] = []
         for index, (question, response) in enumerate(turns):
             content = [{"type": "video"}] if index == 0 else []
             messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
             if response is not None:
-                messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": response + end}]})
         return messages
+
+    @property
+    def end_of_turn(self) -> str:
+        """What the collator appends to each response: the tokenizer's `eos_token` when the chat template does
+        not put it right after the response (whitespace aside), else nothing."""
+        if self._end_of_turn is None:
+            eos = self.tokenizer.eos_token
+            marker = "RESPONSE_END_PROBE"
+            text = self.processor.apply_chat_template(
+                self._conversation([("question", marker)]), add_generation_prompt=False, tokenize=False
+            )
+            after = text[text.index(marker) + len(marker) :].lstrip()
+            self._end_of_turn = "" if not eos or after.startswith(eos) else eos
+        return self._end_of_turn
 
     def prompt(self, question: str) -> str:
         return self.processor.apply_chat_template(
@@ -166,8 +214,9 @@ class ChatCollator:
         return self._chat([(question, response)])
 
     def _chat(self, turns: Sequence[tuple[str, str | None]], generation_prompt: bool = False) -> str:
+        messages = self._conversation(turns, self.end_of_turn)
         text = self.processor.apply_chat_template(
-            self._conversation(turns), add_generation_prompt=generation_prompt, tokenize=False
+            messages, add_generation_prompt=generation_prompt, tokenize=False
         )
         return text if generation_prompt else text.rstrip()
 
@@ -280,7 +329,7 @@ class ChatCollator:
                 labels[row, positions[opening:]] = IGNORE_INDEX
             batch["refusal"] = {k: v for k, v in refusal.items() if k != "pixel_values_videos"}
         batch["ids"] = ids
-        batch["records"] = [e.record for e in examples]
+        batch["records"] = RecordBatch(e.record for e in examples)
         return batch
 
 

@@ -9,6 +9,7 @@ alignment (the paper's f0), for the before/after scores.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,12 +17,19 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from transformers import get_cosine_schedule_with_warmup
+from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
 from datamodules.records import read_predictions, write_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
-from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
-from lightning_modules.video_llm import VideoLLMConfig, count_parameters, load_video_llm, save_hf
+from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps
+from lightning_modules.video_llm import (
+    VideoLLMConfig,
+    count_parameters,
+    load_video_llm,
+    save_hf,
+    set_training_mode,
+)
+from lightning_modules.video_llm import disable_dropout as _disable_dropout
 from metrics.judges import Judge
 from metrics.report import flat_metrics
 
@@ -64,6 +72,7 @@ class AlignmentModule(L.LightningModule):
         paired: bool = True,
         before_predictions: str | None = None,
         output_dir: str | None = None,
+        disable_dropout: bool | None = None,
     ):
         """
         Args:
@@ -80,15 +89,22 @@ class AlignmentModule(L.LightningModule):
                 predictions file (joined on `id`) instead.
             output_dir: the run's folder: checkpoints, the exported model, `test`/`predict` files;
                 defaults to the trainer's `default_root_dir`.
+            disable_dropout: turn every dropout of the model off (each `nn.Dropout`, LoRA's `lora_dropout`
+                included, and the dropout rates in the model's configs). None (default): on for DPO, off for
+                SFT. As TRL's `disable_dropout=True`: with LoRA the reference pass (adapters disabled) has no
+                adapter dropout, so dropout in the policy pass would put noise into DPO's log-ratios.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["judge"])
         self.config = model or VideoLLMConfig()
         self.llm, self.processor = load_video_llm(self.config)
+        if disable_dropout if disable_dropout is not None else objective == "dpo":
+            _disable_dropout(self.llm)
         self.reference: torch.nn.Module | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.evaluator = AnswerabilityEvaluator(judge)  # a submodule: its metrics follow the device and sync
         self._before_responses: dict[str, str] | None = None
+        self._window_tokens: torch.Tensor | int = 0  # response tokens of the SFT accumulation window so far
         trainable, total = count_parameters(self.llm)
         log.info("video-LLM %s: %d of %d parameters trainable", self.config.name_or_path, trainable, total)
 
@@ -126,6 +142,7 @@ class AlignmentModule(L.LightningModule):
         return self.llm.disable_adapter() if self.uses_lora else nullcontext()
 
     def setup(self, stage: str) -> None:
+        self._uniform_dtype_for_fsdp()
         if (
             stage == "fit"
             and self.hparams.objective == "dpo"
@@ -134,16 +151,43 @@ class AlignmentModule(L.LightningModule):
         ):
             self.reference = copy.deepcopy(self.llm).eval().requires_grad_(False)
 
+    def on_fit_start(self) -> None:
+        # Lightning keeps the modes modules have; a loaded checkpoint comes in eval mode (see
+        # `set_training_mode`). The frozen reference copy stays in eval mode.
+        set_training_mode(self.llm, self.config)
+        if self.reference is not None:
+            self.reference.eval()
+
+    def _uniform_dtype_for_fsdp(self) -> None:
+        """FSDP flattens each unit's parameters into one tensor of one dtype, so a bf16 checkpoint with fp32
+        LoRA adapters stops at wrap time ("Must flatten tensors with uniform dtype"). Under FSDP the model
+        is cast to float32 before wrapping; `precision: bf16-mixed` still computes in bf16 (autocast), with
+        fp32 master weights sharded across ranks."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, FSDPStrategy):
+            return
+        dtypes = {p.dtype for p in self.llm.parameters() if p.is_floating_point()}
+        if len(dtypes) > 1:
+            log.info("FSDP: the model's %s parameters cast to float32", sorted(map(str, dtypes)))
+            self.llm.float()
+
     # ------------------------------------------------------------------------------------ training
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         logits = self(batch)
         labels = batch["labels"]
         if self.hparams.objective == "sft":
-            loss = sft_loss(logits, labels)
+            logps, counts = sequence_logps(logits, labels)
+            loss = -logps.sum() / counts.sum().clamp(min=1)  # this batch's token mean (= `sft_loss`)
             self.log(
                 f"{stage}/loss", loss, prog_bar=True, batch_size=labels.shape[0], sync_dist=stage != "train"
             )
-            return loss
+            if stage != "train" or not self._token_normalised_window():
+                return loss
+            # Summed NLL; `on_before_optimizer_step` divides the gradients by the window's response tokens.
+            # Lightning divides what is returned by accumulate_grad_batches: undone here.
+            self._window_tokens = self._window_tokens + counts.sum().detach()
+            return -logps.sum() * self.trainer.accumulate_grad_batches
         logps, counts = sequence_logps(logits, labels)
         with torch.no_grad(), self._reference_context():
             reference = self.reference if self.reference is not None else self.llm
@@ -173,6 +217,31 @@ class AlignmentModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=half, sync_dist=stage != "train")
         return loss
 
+    def _token_normalised_window(self) -> bool:
+        """Whether SFT gradients are normalised over all response tokens of the accumulation window (as
+        transformers' Trainer and TRL do: summed token NLL / the window's token count, on all ranks together),
+        rather than averaging micro-batch means. Not under DeepSpeed, which owns the gradients: there each
+        micro-batch's token mean is used."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        tokens = getattr(self, "_window_tokens", None)
+        if not isinstance(tokens, torch.Tensor):
+            return
+        total = self.trainer.strategy.reduce(tokens.float(), reduce_op="sum")
+        # DDP/FSDP average gradients over ranks: scaling by world size / global tokens gives sum / tokens.
+        scale = self.trainer.world_size / total.clamp(min=1)
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(scale.to(parameter.grad.dtype))
+        self._window_tokens = 0
+
+    def on_train_epoch_start(self) -> None:
+        self._window_tokens = 0
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "train")
 
@@ -197,25 +266,54 @@ class AlignmentModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"llm.{name}" for name, p in self.llm.named_parameters() if p.requires_grad}
+        # Under FSDP parameter names carry its wrappers' prefixes; the checkpoint's keys do not.
+        wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+        names = [name for name, p in self.llm.named_parameters() if p.requires_grad]
+        trainable = {"llm." + functools.reduce(lambda n, w: n.replace(w, ""), wrappers, n) for n in names}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_train_end(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        state = None
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Sharded parameters: every rank takes part in gathering the full state dict; rank 0 saves it.
+            full = self.trainer.strategy.lightning_module_state_dict()
+            state = {k.removeprefix("llm."): v for k, v in full.items() if k.startswith("llm.")}
         if self.trainer.is_global_zero:
             folder = save_hf(
                 self.llm,
                 self.processor,
                 self.out_dir / "hf_model",
                 {"base": self.config.name_or_path, "lora": self.uses_lora},
+                state_dict=state,
             )
             log.info("exported the %s to %s", "adapter" if self.uses_lora else "model", folder)
             print(f"exported the {'LoRA adapter' if self.uses_lora else 'model'} to {folder}")
 
     # ---------------------------------------------------------------------------------- generation
+    def greedy_generation_config(self) -> GenerationConfig:
+        """Greedy decoding, whatever the checkpoint's `generation_config` holds: Qwen2.5-VL's ships
+        repetition_penalty 1.05 (which `do_sample=False` alone leaves on) and top_p/top_k/temperature.
+        Only its eos/pad/bos token ids are kept; the sampling settings are the library's neutral values
+        (unused by greedy search)."""
+        config = (self.llm.get_base_model() if self.uses_lora else self.llm).generation_config
+        ids = {k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+        return GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=50,
+            max_new_tokens=self.hparams.max_new_tokens,
+            **ids,
+        )
+
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:
         inputs = self._inputs(batch)
-        output = self.llm.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False)
+        output = self.llm.generate(**inputs, generation_config=self.greedy_generation_config())
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -88,6 +90,12 @@ class VideoLLMConfig:
     """Weights' dtype when loading a checkpoint (float32, bfloat16, float16)."""
     trust_remote_code: bool = False
     """Allow a checkpoint's own modelling code (off unless a config turns it on)."""
+    video_max_pixels: int | None = 360 * 420
+    """Most pixels per video frame after resizing, for video processors that resize to a pixel budget
+    (Qwen2-VL / Qwen2.5-VL: `size["longest_edge"]`); the Qwen2.5-VL model card's advice for video is
+    360 * 420. A checkpoint's own video limit can be far larger (12.8M pixels, from its image processor
+    config): a 720p clip then gives ~600 tokens a frame. None keeps the processor's. Other processors ignore
+    it."""
     attn_implementation: str | None = SDPA_PADDING_SAFE
     """E.g. "sdpa", "eager" or "flash_attention_2" (the tiny model too); None lets transformers choose.
     The default is transformers' SDPA with a mask that lets a left-padding row attend somewhere (no NaN)."""
@@ -162,11 +170,30 @@ def load_video_llm(config: VideoLLMConfig, vocabulary: list[str] | None = None) 
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
             processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    limit_video_pixels(processor, config.video_max_pixels)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # batched generation appends after the prompt
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return prepare_for_training(model, config), processor
+
+
+def limit_video_pixels(processor: Any, max_pixels: int | None) -> None:
+    """Cap the pixels per frame of a video processor that resizes to a pixel budget: Qwen2-VL's kind, whose
+    `size` holds `shortest_edge` and `longest_edge` as pixel counts and which has a `temporal_patch_size`
+    (the minimum is lowered to the cap if above it). Other processors are left as they are."""
+    video_processor = getattr(processor, "video_processor", None)
+    size = getattr(video_processor, "size", None)
+    if max_pixels is None or size is None or not hasattr(video_processor, "temporal_patch_size"):
+        return
+    get = size.get if isinstance(size, dict) else functools.partial(getattr, size)
+    if get("shortest_edge", None) is None or get("longest_edge", None) is None:
+        return
+    limits = {"shortest_edge": min(int(get("shortest_edge", None)), max_pixels), "longest_edge": max_pixels}
+    if isinstance(size, dict):
+        video_processor.size = {**size, **limits}
+    else:
+        video_processor.size = dataclasses.replace(size, **limits)
 
 
 # Attribute names of the vision tower(s) in the HF video-LLM families (Video-LLaVA has an image and a video
@@ -208,6 +235,57 @@ def prepare_for_training(model: nn.Module, config: VideoLLMConfig) -> nn.Module:
     return model
 
 
+def set_training_mode(model: nn.Module, config: VideoLLMConfig) -> nn.Module:
+    """Train mode for fine-tuning, the frozen vision tower(s) excepted (kept in eval mode).
+
+    `from_pretrained` returns a model in eval mode and Lightning (2.2+) keeps module modes in `fit`, so
+    without this a loaded checkpoint trains in eval mode: transformers then skips gradient checkpointing
+    (it recomputes layers in train mode only) and dropout is off.
+    """
+    model.train()
+    if config.freeze_vision_tower:
+        for module in vision_modules(model):
+            module.eval()
+    return model
+
+
+# Float attributes through which HF modules apply dropout functionally (e.g. attention modules'
+# `attention_dropout`, read at each forward); config fields of these names are zeroed too, so a saved config
+# agrees.
+DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "attn_dropout",
+                      "resid_dropout", "embd_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                      "projector_dropout")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of `model` off, in train mode as in eval mode: each `nn.Dropout` gets p = 0 (LoRA's
+    `lora_dropout` modules included, and peft's config says 0), and the dropout rates that modules and
+    configs (the model's and its sub-configs) hold as floats become 0."""
+    configs = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and all(config is not seen for seen in configs):
+            configs.append(config)
+    while configs:
+        config = configs.pop()
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
+        for key in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None:
+                configs.append(sub)
+    for peft_config in (getattr(model, "peft_config", None) or {}).values():
+        if hasattr(peft_config, "lora_dropout"):
+            peft_config.lora_dropout = 0.0
+    return model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
@@ -246,13 +324,35 @@ def replacing_folder(folder: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_hf(model: nn.Module, processor: Any, folder: str | Path, meta: dict | None = None) -> Path:
+def save_hf(
+    model: nn.Module,
+    processor: Any,
+    folder: str | Path,
+    meta: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save a model (merged full weights, or a peft adapter) with its processor, loadable by name_or_path.
+    `state_dict`: the model's full state dict when its own parameters are sharded (FSDP).
 
     The folder is replaced as a whole (`replacing_folder`): an interrupted export leaves the previous one."""
     folder = Path(folder)
     with replacing_folder(folder) as temporary:
-        model.save_pretrained(temporary)
+        peft_config = getattr(model, "peft_config", None)
+        if state_dict is not None and peft_config:
+            # peft's own filter matches keys against the wrapped model's module names, which FSDP prefixes:
+            # the adapter is written in peft's format (its weights, adapter name removed, and its config).
+            from safetensors.torch import save_file
+
+            (name,) = peft_config
+            adapter = {
+                key.replace(f".{name}.", "."): value.detach().cpu().contiguous()
+                for key, value in state_dict.items()
+                if "lora_" in key
+            }
+            save_file(adapter, temporary / "adapter_model.safetensors", metadata={"format": "pt"})
+            peft_config[name].save_pretrained(temporary)
+        else:
+            model.save_pretrained(temporary, **({} if state_dict is None else {"state_dict": state_dict}))
         processor.save_pretrained(temporary)
         if meta:
             (temporary / "answerability.json").write_text(json.dumps(meta, indent=2))

@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from tiny_families import EXTRA_WORDS, FAMILIES
+from tiny_families import EXTRA_WORDS, FAMILIES, TEST_TEMPLATES, real_template
 
 from datamodules.answerability import IGNORE_INDEX, ChatCollator, Example, ExampleDataset
 from datamodules.records import REFUSAL_OPENING, QARecord
@@ -114,6 +114,39 @@ def test_processor_output_drives_the_collator(family, checkpoint, items):
         for batch in (sft, dpo, generate):
             logits = model(**model_inputs(batch), use_cache=False).logits
             assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+
+
+END_OF_TURN = {"llava_next_video": "</s>", "video_llava": "</s>", "qwen2_vl": "<|im_end|>",
+               "qwen2_5_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
+
+
+@families
+@pytest.mark.parametrize("template", ["real", "test"])
+def test_labels_end_with_the_end_of_turn_token_whatever_the_template(family, template, items, tmp_path):
+    """With the family's real chat template (the llava-hf Vicuna ones render the assistant turn as
+    `text + ' '`, no `</s>`) and with the tests' templates (which close the turn themselves): SFT and DPO
+    labels are exactly the response's tokens plus the family's end-of-turn token, once, and the response
+    text is unchanged."""
+    chosen = real_template(family) if template == "real" else TEST_TEMPLATES[family]
+    folder = FAMILIES[family](tmp_path / family, VOCABULARY, chosen)
+    _, processor = load_video_llm(VideoLLMConfig(name_or_path=str(folder), num_frames=4))
+    tokenizer = processor.tokenizer
+    assert processor.chat_template == chosen and tokenizer.eos_token == END_OF_TURN[family]
+    collator = ChatCollator(processor, "sft")
+    for response in (RECORDS[0].answer, RECORDS[1].rejected):
+        text = collator.full_text(RECORDS[0].question, response)
+        assert text.endswith(response + tokenizer.eos_token), text
+        assert text.count(tokenizer.eos_token) == text.count("<|im_start|>") or tokenizer.eos_token == "</s>"
+        assert text.count(response) == 1 and text.count(tokenizer.eos_token + tokenizer.eos_token) == 0
+    answers = [r.answer for r in RECORDS]
+    assert_labels_cover(collator(items), tokenizer, answers)
+    rejected = [r.rejected for r in RECORDS]
+    assert_labels_cover(ChatCollator(processor, "dpo")(items), tokenizer, answers + rejected)
+    batch = collator(items)
+    for row, answer in enumerate(answers):
+        scored = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
+        assert scored[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(scored[:-1]) == answer, "the response text itself is unchanged"
 
 
 @families

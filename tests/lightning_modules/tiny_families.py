@@ -1,8 +1,9 @@
 """Tiny random checkpoints of each supported video-LLM family, saved like a hub checkpoint.
 
 Each builder makes the family's real model class from a small config and its real processor class (image and
-video processors sized small) around a word-level tokenizer made in code, with a chat template close to the
-family's own, and `save_pretrained`s both into a folder that `load_video_llm` then loads by path.
+video processors sized small) around a word-level tokenizer made in code, with the family's real chat
+template (`fixtures/chat_templates/`, sources in its SOURCES.md) unless another is given, and
+`save_pretrained`s both into a folder that `load_video_llm` then loads by path.
 """
 
 from __future__ import annotations
@@ -10,7 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning_modules.tiny import TinyArchitecture, build_word_tokenizer
+from lightning_modules.tiny import TINY_CHAT_TEMPLATE, TinyArchitecture, build_word_tokenizer
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+# The template file of each family (Qwen2-VL-Instruct ships the same template as Qwen2.5-VL-Instruct).
+REAL_TEMPLATE = {"llava_next_video": "llava_next_video", "video_llava": "video_llava",
+                 "qwen2_vl": "qwen2_5_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_onevision": "llava_onevision"}
+
+
+def real_template(family: str) -> str:
+    """The chat template the family's hub checkpoint ships (see fixtures/chat_templates/SOURCES.md)."""
+    return (TEMPLATES / f"{REAL_TEMPLATE[family]}.jinja").read_text()
+
 
 # Words of the system prompts in the families' real templates, so they are not <unk> in the word tokenizer.
 EXTRA_WORDS = ["you", "are", "a", "helpful", "assistant", "system", "user"]
@@ -20,6 +32,8 @@ PATCH = 16  # 2 x 2 patches a frame (LLaVA-NeXT-Video: patch 8, 4 x 4 pooled to 
 TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 2, "max_position_embeddings": 512}
 
+# Templates written for the tests before the real ones were collected; unlike the hub's Vicuna-style ones they
+# close the assistant turn with the end-of-turn token themselves.
 # Video-LLaVA's conversation format (Vicuna v1 style): "USER: <video>\n... ASSISTANT: ...</s>".
 VIDEO_LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
@@ -52,7 +66,8 @@ QWEN_TOKENS = {"video_token": "<|video_pad|>", "image_token": "<|image_pad|>",
                "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
 
 
-def _finish(model, tokenizer, processor, folder: Path) -> Path:
+def _finish(model, tokenizer, processor, folder: Path, template: str) -> Path:
+    processor.chat_template = template
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
@@ -74,7 +89,7 @@ def _text(config_class, tokenizer, **extra):
                         tie_word_embeddings=False, **TEXT, **extra).to_dict()
 
 
-def llava_next_video(folder: Path, vocabulary: list[str]) -> Path:
+def llava_next_video(folder: Path, vocabulary: list[str], template: str | None = None) -> Path:
     """The embedded default's builders, smaller: CLIP + Llama, 4 video tokens a frame (16 for 4 frames)."""
     from lightning_modules.tiny import build_tiny_model, build_tiny_processor
 
@@ -82,10 +97,11 @@ def llava_next_video(folder: Path, vocabulary: list[str]) -> Path:
                             vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, max_positions=512)
     processor = build_tiny_processor(vocabulary, arch)
     model = build_tiny_model(processor.tokenizer, arch)
-    return _finish(model, processor.tokenizer, processor, folder)
+    template = template or real_template("llava_next_video")
+    return _finish(model, processor.tokenizer, processor, folder, template)
 
 
-def video_llava(folder: Path, vocabulary: list[str]) -> Path:
+def video_llava(folder: Path, vocabulary: list[str], template: str | None = None) -> Path:
     """CLIP video and image towers + Llama; the CLS token is kept for videos: 5 tokens a frame (20)."""
     from transformers import (
         LlamaConfig,
@@ -102,7 +118,6 @@ def video_llava(folder: Path, vocabulary: list[str]) -> Path:
         image_processor=VideoLlavaImageProcessor(size=size, crop_size=crop),
         video_processor=VideoLlavaVideoProcessor(size=size, crop_size=crop), tokenizer=tokenizer,
         patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=VIDEO_LLAVA_TEMPLATE,
     )
     config = VideoLlavaConfig(
         vision_config=_clip(), text_config=_text(LlamaConfig, tokenizer),
@@ -111,10 +126,11 @@ def video_llava(folder: Path, vocabulary: list[str]) -> Path:
         vision_feature_select_strategy="default", vision_feature_layer=-1,
         image_seq_length=(IMAGE // PATCH) ** 2, video_seq_length=8 * ((IMAGE // PATCH) ** 2 + 1),
     )
-    return _finish(VideoLlavaForConditionalGeneration(config), tokenizer, processor, folder)
+    model = VideoLlavaForConditionalGeneration(config)
+    return _finish(model, tokenizer, processor, folder, template or real_template("video_llava"))
 
 
-def llava_onevision(folder: Path, vocabulary: list[str]) -> Path:
+def llava_onevision(folder: Path, vocabulary: list[str], template: str | None = None) -> Path:
     """SigLIP + Qwen2; 2 x 2 patches pooled to 1 token a frame, plus a newline token (5)."""
     from transformers import (
         LlavaOnevisionConfig,
@@ -132,7 +148,6 @@ def llava_onevision(folder: Path, vocabulary: list[str]) -> Path:
         image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=[[IMAGE, IMAGE]]),
         video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tokenizer,
         num_image_tokens=(IMAGE // PATCH) ** 2, vision_feature_select_strategy="full",
-        chat_template=ONEVISION_TEMPLATE,
     )
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                 num_attention_heads=2, image_size=IMAGE, patch_size=PATCH)
@@ -142,10 +157,11 @@ def llava_onevision(folder: Path, vocabulary: list[str]) -> Path:
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=[[IMAGE, IMAGE]],
     )
-    return _finish(LlavaOnevisionForConditionalGeneration(config), tokenizer, processor, folder)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    return _finish(model, tokenizer, processor, folder, template or real_template("llava_onevision"))
 
 
-def _qwen(folder: Path, vocabulary: list[str], version: str) -> Path:
+def _qwen(folder: Path, vocabulary: list[str], version: str, template: str | None = None) -> Path:
     """Qwen2-VL or Qwen2.5-VL (`version` names the classes): own vision transformer, M-RoPE text model."""
     import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
@@ -158,7 +174,7 @@ def _qwen(folder: Path, vocabulary: list[str], version: str) -> Path:
     processor_class = getattr(transformers, f"{version}Processor")
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
-        tokenizer=tokenizer, chat_template=QWEN_TEMPLATE,
+        tokenizer=tokenizer,
     )
     text = _text(getattr(transformers, f"{version}TextConfig"), tokenizer,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]})
@@ -172,22 +188,28 @@ def _qwen(folder: Path, vocabulary: list[str], version: str) -> Path:
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
     config = getattr(transformers, f"{version}Config")(text_config=text, vision_config=vision, **ids)
     model = getattr(transformers, f"{version}ForConditionalGeneration")(config)
-    return _finish(model, tokenizer, processor, folder)
+    return _finish(model, tokenizer, processor, folder, template or real_template("qwen2_5_vl"))
 
 
-def qwen2_vl(folder: Path, vocabulary: list[str]) -> Path:
-    return _qwen(folder, vocabulary, "Qwen2VL")
+def qwen2_vl(folder: Path, vocabulary: list[str], template: str | None = None) -> Path:
+    return _qwen(folder, vocabulary, "Qwen2VL", template)
 
 
-def qwen2_5_vl(folder: Path, vocabulary: list[str]) -> Path:
-    return _qwen(folder, vocabulary, "Qwen2_5_VL")
+def qwen2_5_vl(folder: Path, vocabulary: list[str], template: str | None = None) -> Path:
+    return _qwen(folder, vocabulary, "Qwen2_5_VL", template)
 
 
-FAMILIES: dict[str, Callable[[Path, list[str]], Path]] = {
+FAMILIES: dict[str, Callable[..., Path]] = {
     "llava_next_video": llava_next_video,
     "video_llava": video_llava,
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": qwen2_5_vl,
     "llava_onevision": llava_onevision,
 }
-"""model_type -> builder(folder, vocabulary) -> folder."""
+"""model_type -> builder(folder, vocabulary, template=None) -> folder."""
+
+TEST_TEMPLATES = {"llava_next_video": TINY_CHAT_TEMPLATE, "video_llava": VIDEO_LLAVA_TEMPLATE,
+                  "qwen2_vl": QWEN_TEMPLATE, "qwen2_5_vl": QWEN_TEMPLATE,
+                  "llava_onevision": ONEVISION_TEMPLATE}
+"""The templates written for the tests (LLaVA-NeXT-Video: the embedded tiny model's); each closes the
+assistant turn with the end-of-turn token itself."""
