@@ -192,9 +192,9 @@ def build_smollm2_video(
     whose video tokens start at the norm of SmolLM2's token embeddings."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
+    vision_config, tower = _vision(image_size, vision_tower)
     gguf = gguf or smollm2_gguf()
     tokenizer = build_tokenizer(gguf)
-    vision_config, tower = _vision(image_size, vision_tower)
     processor = build_processor(vision_config, tokenizer)
     text_config, text_state, source_generation = _language_model(gguf, len(tokenizer))
     text_config.tie_word_embeddings = True

