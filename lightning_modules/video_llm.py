@@ -66,6 +66,10 @@ class LoraSettings:
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names (of the language model) that get adapters."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters and saved with them (peft's `modules_to_save`), e.g.
+    ["multi_modal_projector"] for a freshly initialised projector; disabling the adapters restores their
+    original weights too (the DPO reference and `test`'s before-alignment model)."""
 
 
 @dataclass
@@ -230,6 +234,7 @@ def prepare_for_training(model: nn.Module, config: VideoLLMConfig) -> nn.Module:
             lora_alpha=config.lora.alpha,
             lora_dropout=config.lora.dropout,
             target_modules=rf"^(?!.*({excluded})).*\.({targets})$",
+            modules_to_save=list(config.lora.modules_to_save) or None,
         )
         model = get_peft_model(model, peft_config)
     return model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_modules.tiny import TinyArchitecture
-from lightning_modules.video_llm import SDPA_PADDING_SAFE, VideoLLMConfig, load_video_llm
+from lightning_modules.video_llm import SDPA_PADDING_SAFE, LoraSettings, VideoLLMConfig, load_video_llm
 
 
 @pytest.mark.parametrize("width, given, expected", [(64, None, 0.125), (64, 0.02, 0.02)])
@@ -152,3 +152,26 @@ def test_an_export_killed_between_its_renames_is_put_back(tmp_path):
         raise RuntimeError("failed")
     assert (folder / "config.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["hf_model"]
+
+
+def test_lora_can_train_the_projector_in_full_beside_the_adapters():
+    """`modules_to_save` trains the projector in full next to the adapters (the tower stays frozen), and
+    disabling the adapters brings back the projector's original weights (the DPO reference, f0)."""
+    arch = TinyArchitecture(text_hidden=32, text_heads=2, text_layers=1, vision_layers=1, vision_hidden=32)
+    for modules, expected in (([], False), (["multi_modal_projector"], True)):
+        torch.manual_seed(0)
+        lora = LoraSettings(r=2, alpha=4, modules_to_save=modules)
+        model, _ = load_video_llm(VideoLLMConfig(tiny=arch, lora=lora))
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any("lora_B" in n for n in trainable) and not any("vision_tower" in n for n in trainable)
+        assert any("multi_modal_projector" in n for n in trainable) == expected
+    projector = model.base_model.model.model.multi_modal_projector
+    features = torch.randn(3, arch.vision_hidden)
+    before = projector(features)
+    with torch.no_grad():
+        for parameter in projector.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)
+    assert not torch.allclose(projector(features), before)
+    with model.disable_adapter():
+        torch.testing.assert_close(projector(features), before)
