@@ -75,8 +75,9 @@ def test_paired_results_match_the_rows_and_the_hand_count(tmp_path):
         assert recomputed[group] == pytest.approx(results[group], nan_ok=True), group
 
     paths = evaluator.write(tmp_path, results)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["by_form.png", "metrics.json", "predictions.jsonl",
-                                                          "report.md", "report.png", "roc.png", "tradeoff.png"]
+    written_files = sorted(p.name for p in tmp_path.iterdir())
+    assert written_files == ["by_form.png", "metrics.json", "predictions.jsonl", "report.md", "report.png",
+                             "roc.png", "tradeoff.png"]
     assert paths is not None and paths["metrics"] == tmp_path / "metrics.json"
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["alignment"]["discretion"] == pytest.approx(2 / 3)
