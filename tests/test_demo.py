@@ -88,8 +88,45 @@ def test_reduced_demo_chain(tmp_path):
         str(sft / "checkpoints" / "last.ckpt"),
         cwd=ROOT,
     )
-    _run("-m", "metrics.combine", "--out", str(out / "demo"), "--run", f"sft={sft}", cwd=ROOT)
+    # DPO: f0 answers the unanswerable training questions, its answers are the rejected responses.
+    predictions = base / "train_predictions"
+    _run(
+        "main.py",
+        "predict",
+        "-c",
+        "configs/shapes/base.yaml",
+        *common,
+        *tiny,
+        "--model.init_args.model.name_or_path",
+        str(base / "hf_model"),
+        "--data.init_args.predict_file",
+        "train.jsonl",
+        "--data.init_args.predict_answerable",
+        "false",
+        "--model.init_args.output_dir",
+        str(predictions),
+        cwd=ROOT,
+    )
+    dpo = out / "dpo"
+    dpo_settings = [
+        *common,
+        *tiny,
+        "--trainer.default_root_dir",
+        str(dpo),
+        "--model.init_args.model.name_or_path",
+        str(base / "hf_model"),
+        "--data.init_args.rejected_predictions",
+        str(predictions / "predictions.jsonl"),
+    ]
+    _run("main.py", "fit", "-c", "configs/shapes/dpo.yaml", *dpo_settings, "--trainer.max_epochs", "3",
+         cwd=ROOT)
+    _run("main.py", "test", "-c", "configs/shapes/dpo.yaml", *dpo_settings,
+         "--ckpt_path", str(dpo / "checkpoints" / "last.ckpt"), cwd=ROOT)
+    _run("-m", "metrics.combine", "--out", str(out / "demo"), "--run", f"sft={sft}", "--run", f"dpo={dpo}",
+         cwd=ROOT)
     report = json.loads((out / "demo" / "report.json").read_text())
     assert report["sft"]["unanswerable_accuracy"] > report["before"]["unanswerable_accuracy"]
+    # The paper's finding, in small: DPO also teaches the base to refuse unanswerable questions.
+    assert report["dpo"]["unanswerable_accuracy"] > report["before"]["unanswerable_accuracy"]
     for name in ("predictions.jsonl", "metrics.json", "report.md", "report.png"):
-        assert (sft / name).exists()
+        assert (sft / name).exists() and (dpo / name).exists()

@@ -30,6 +30,7 @@ from datamodules.shapes.questions import (
     Fact,
     ShapesWriter,
     describe_item,
+    general_items,
     synthetic_items,
     unwarranted_refusal,
     verify_items,
@@ -37,12 +38,17 @@ from datamodules.shapes.questions import (
 from datamodules.shapes.world import Scene, WorldConfig, sample_scene, write_clip
 
 SPLITS = ("train", "val", "test")
+# The base model's instruction-tuning file: every answerable training question and, per training clip, one
+# general refusal (a question no clip can answer, see `general_records`); no question whose answerability
+# depends on what the clip shows is refused in it.
+INSTRUCT = "instruct.jsonl"
 MANIFEST = "synth.json"
 # Bump when scenes, questions, rendering or the manifest change, so that an old folder is not silently mixed
 # in. Version 2 added the record files' settings (clip count, split fractions, described splits) and the
-# `complete` flag to the manifest; clips and records are those of version 1, which the builder updates.
-GENERATOR_VERSION = 2
-UPDATABLE_VERSIONS = (1,)
+# `complete` flag to the manifest; version 3 the base model's instruct.jsonl. Clips and train/val/test records
+# are those of version 1, so the builder updates a folder of an earlier version in place.
+GENERATOR_VERSION = 3
+UPDATABLE_VERSIONS = (1, 2)
 
 
 class SyntheticDatasetError(UserError, ValueError):
@@ -114,6 +120,27 @@ def scene_records(
                 answerable=False, category=item.category, missing_element=item.missing_element,
                 rejected=item.slots["hallucination"], source="shapes", meta=meta,
             ))
+    return records
+
+
+def general_records(scene: Scene, video: str, record_prefix: str, seed: int, index: int) -> list[QARecord]:
+    """The general refusals of one clip (`general_items`, form "sound", "speech", "camera" or a question
+    form about an absent thing; meta "general": true): unanswerable whatever the clip shows."""
+    items = general_items(scene, random.Random(f"shapes-general:{seed}:{index}"))
+    written = ShapesWriter(f"{seed}:{index}").write(items)
+    records = []
+    for number, (item, text) in enumerate(zip(items, written, strict=True)):
+        assert text is not None, "the template writer phrases every synthetic item"
+        spec, ref = item.slots["spec"], item.slots["ref"]
+        meta: dict[str, Any] = {
+            "form": spec.form, "ref_kind": ref.kind if ref else None, "objects": len(scene.objects),
+            "general": True, "true_fact": item.true_fact, "false_fact": item.false_fact,
+        }
+        records.append(QARecord(
+            id=f"{record_prefix}-g{number}", video=video, question=text.question, answer=text.answer,
+            answerable=False, category=item.category, missing_element=item.missing_element, source="shapes",
+            meta=meta,
+        ))
     return records
 
 
@@ -209,11 +236,13 @@ def build_synthetic_dataset(
 ) -> dict[str, Any]:
     """Render `num_videos` clips and write their QA records; returns a summary (see `summarize_records`).
 
-    Writes DIR/videos/{id}.mp4, DIR/{train,val,test}.jsonl (split by video), DIR/scenes.jsonl (one line
-    per video: {"video", "split", "scene"}) and DIR/synth.json (the settings, the clip count and split the
-    record files cover, and whether the build finished; a rerun with other world settings is refused, one
-    with another clip count or split rewrites the record files). DIR must be empty or absent, or a folder
-    built by this function: other files are never overwritten. Clips already rendered are skipped.
+    Writes DIR/videos/{id}.mp4, DIR/{train,val,test}.jsonl (split by video), DIR/instruct.jsonl (the
+    base model's training file: the answerable records of train.jsonl and one general refusal per
+    training clip, `general_records`), DIR/scenes.jsonl (one line per video: {"video", "split", "scene"})
+    and DIR/synth.json (the settings, the clip count and split the record files cover, and whether the
+    build finished; a rerun with other world settings is refused, one with another clip count or split
+    rewrites the record files). DIR must be empty or absent, or a folder built by this function: other files
+    are never overwritten. Clips already rendered are skipped.
     `workers` processes render (default: the CPU count, in-process for small jobs). Each clip of a split in
     `describe` also gets the caption question (every object with all its attributes) and up to two
     qualifier checks ("Is the star small?"): dense supervision for training, which by default the
@@ -248,13 +277,19 @@ def build_synthetic_dataset(
     _render_all(jobs, progress, workers)
 
     by_split: dict[str, list[QARecord]] = {split: [] for split in SPLITS}
+    instruct: list[QARecord] = []
     scene_rows = []
     for index, (scene, split) in enumerate(zip(scenes, splits, strict=True)):
         video = f"videos/{video_id(index)}.mp4"
-        by_split[split] += scene_records(scene, video, video_id(index), seed, index, split in describe)
+        records = scene_records(scene, video, video_id(index), seed, index, split in describe)
+        by_split[split] += records
+        if split == "train":
+            instruct += [r for r in records if r.answerable]
+            instruct += general_records(scene, video, video_id(index), seed, index)
         scene_rows.append({"video": video, "split": split, "scene": scene.to_dict()})
     for split, records in by_split.items():
         write_records(out / f"{split}.jsonl", records)
+    write_records(out / INSTRUCT, instruct)
     write_jsonl(out / "scenes.jsonl", scene_rows)
     atomic_write(out / MANIFEST, json.dumps({**manifest, "complete": True}, indent=2) + "\n")
     return {

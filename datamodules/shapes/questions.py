@@ -34,6 +34,14 @@ DESCRIBE = "describe"
 VERIFY = "verify"
 VERIFY_ANSWERS = ("yes", "no")
 REF_KINDS = ("shape", "colour_shape", "size_shape", "motion_shape", "colour_object", "relational")
+# General refusals: questions that no clip of this world can answer, whatever it shows, because they ask about
+# things the world never has (a dog, a car), about sound or speech (the clips are silent), or about who films.
+# They teach the base model the refusal sentence, the way an instruction-tuned language model can say it
+# cannot answer, without teaching it to check a question against the video (see `general_items`).
+ABSENT_THINGS = ("dog", "cat", "bird", "car", "ball", "tree", "person", "hand")
+GENERAL_FORMS = {  # form -> the missing element its refusal names
+    "sound": "sound", "speech": "speech", "camera": "camera operator",
+}
 WHERE_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
 _AXIS_PAIRS = {"left of": ("left of", "right of"), "above": ("above", "below")}
 
@@ -476,6 +484,50 @@ def synthetic_items(
     return facts + perturbations
 
 
+def general_items(scene: Scene, rng: random.Random, num: int = 1) -> list[Perturbation]:
+    """Questions no clip of the world can answer, for reasons unrelated to what `scene` shows.
+
+    Half ask about a thing the world never has, in a form and with a qualifier that the clip's own
+    questions use ("What colour is the dog?", "How many objects are below the small car?", "Is the star to
+    the left or to the right of the ball?"): category object. The other half ask about sound or speech
+    ("What sound does the red star make?": category attribute) or about who films ("Who is holding the
+    camera?": category object). Each refusal is `REFUSAL_TEMPLATE` naming the missing element, as the
+    grounded refusals do. Slots: "spec", "ref" (the reference to the absent thing, or None), "near" None
+    and "general" True.
+    """
+    items = []
+    for _ in range(num):
+        obj = scene.objects[rng.randrange(len(scene.objects))]
+        present = Ref(shape=obj.shape)
+        if rng.random() < 0.5:
+            thing = rng.choice(ABSENT_THINGS)
+            kind = rng.choice(("shape", "colour_shape", "size_shape", "motion_shape"))
+            ref = Ref(
+                shape=thing,
+                colour=rng.choice(list(COLOURS)) if kind == "colour_shape" else None,
+                size=rng.choice(SIZES) if kind == "size_shape" else None,
+                motion=rng.choice(MOTIONS) if kind == "motion_shape" else None,
+            )
+            form = rng.choice([form for form in FORMS if form_fits(form, ref)])
+            if form == "where":
+                first, second = (ref, present) if rng.random() < 0.5 else (present, ref)
+                spec = QuestionSpec("where", first, second, relation=rng.choice(tuple(_AXIS_PAIRS)))
+            else:
+                spec = QuestionSpec(form, ref, relation=rng.choice(RELATIONS) if form == "count" else None)
+            category, missing, false_fact = "object", ref.element, f"there is a {ref.element}"
+        else:
+            form = rng.choice(tuple(GENERAL_FORMS))
+            ref = None if form == "camera" else rng.choice([present, Ref(shape=obj.shape, colour=obj.colour)])
+            spec = QuestionSpec(form, ref)
+            category = "object" if form == "camera" else "attribute"
+            missing = GENERAL_FORMS[form]
+            false_fact = f"the video has {missing}"
+        slots = {"spec": spec, "ref": ref, "near": None, "general": True}
+        items.append(Perturbation(category, "the video is silent and shows only shapes", false_fact, missing,
+                                  slots))
+    return items
+
+
 def motion_phrase(motion: str) -> str:
     """How the caption and the qualifier checks say a motion: "moving up", "standing still"."""
     return "standing still" if motion == "still" else f"moving {motion}"
@@ -561,6 +613,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Is {ref} on the left or on the right of {ref2}?",
     ),
     "where_above": ("Is {ref} above or below {ref2}?", "Is {ref} higher or lower than {ref2}?"),
+    "sound": ("What sound does {ref} make?", "What sound can be heard when {ref} moves?"),
+    "speech": ("What does {ref} say?", "What words does {ref} say?"),
+    "camera": ("Who is holding the camera?", "Who is filming the video?"),
 }
 _WORD = re.compile(r"[a-z0-9]+|[?.,]")
 
@@ -632,6 +687,7 @@ def template_vocabulary() -> list[str]:
               for group in TEMPLATES.values() for t in group]
     texts += [*SHAPES, *COLOURS, *SIZES, *MOTIONS, *COUNT_WORDS, *WHERE_ANSWERS.values(), *VERIFY_ANSWERS]
     texts += [*RELATION_PHRASES.values(), "the object moving still", "moving standing still ,"]
+    texts += [*ABSENT_THINGS, *GENERAL_FORMS.values()]
     return sorted({word for text in texts for word in split_words(text)})
 
 

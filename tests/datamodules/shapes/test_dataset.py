@@ -10,6 +10,7 @@ import pytest
 from datamodules.records import CATEGORIES, REFUSAL_TEMPLATE, read_records
 from datamodules.shapes.dataset import (
     GENERATOR_VERSION,
+    INSTRUCT,
     SPLITS,
     SyntheticDatasetError,
     build_synthetic_dataset,
@@ -17,7 +18,13 @@ from datamodules.shapes.dataset import (
     format_summary,
     split_videos,
 )
-from datamodules.shapes.questions import describe_scene, split_words, template_vocabulary
+from datamodules.shapes.questions import (
+    ABSENT_THINGS,
+    GENERAL_FORMS,
+    describe_scene,
+    split_words,
+    template_vocabulary,
+)
 from datamodules.shapes.world import Scene
 from datamodules.video import read_video
 
@@ -43,7 +50,7 @@ def test_writes_every_file(built):
     out, summary = built
     assert sorted(p.name for p in (out / "videos").iterdir()) == [f"v{i:06d}.mp4" for i in range(20)]
     assert {p.name for p in out.iterdir()} == {"videos", "train.jsonl", "val.jsonl", "test.jsonl",
-                                                "scenes.jsonl", "synth.json"}
+                                                "instruct.jsonl", "scenes.jsonl", "synth.json"}
     assert summary["videos"] == 20 and summary["rendered"] == 20
     assert [summary["splits"][s]["videos"] for s in SPLITS] == [16, 2, 2]
     frames = read_video(out / "videos" / "v000000.mp4", 4)
@@ -91,6 +98,22 @@ def test_every_video_has_four_answerable_questions_and_training_clips_a_caption_
         assert all(r.answerable for r in records if r.meta["form"] in dense)
         assert all(r.answer in ("yes", "no") for r in records if r.meta["form"] == "verify")
         assert all(r.meta["objects"] == len(scenes[r.video].objects) for r in records)
+
+
+def test_the_instruct_file_is_the_answerable_training_records_and_one_general_refusal_a_clip(built):
+    out, _ = built
+    instruct = read_records(out / INSTRUCT)[0]  # valid records, videos resolved in the folder
+    train = load(out)["train"]
+    assert [r for r in instruct if r.answerable] == [r for r in train if r.answerable]
+    general = [r for r in instruct if not r.answerable]
+    assert Counter(r.video for r in general) == Counter({video: 1 for video in {r.video for r in train}})
+    for record in general:
+        assert record.meta["general"] is True and record.category in ("object", "attribute")
+        assert record.answer == REFUSAL_TEMPLATE.format(missing=record.missing_element)
+        absent = set(record.missing_element.split()) & set(ABSENT_THINGS)
+        assert absent or record.missing_element in GENERAL_FORMS.values(), record.missing_element
+        assert set(split_words(record.question)) <= set(template_vocabulary())
+    assert not {r.id for r in general} & {r.id for rs in load(out).values() for r in rs}
 
 
 def test_the_splits_with_captions_are_chosen(tmp_path):
@@ -155,7 +178,7 @@ def test_deterministic_for_a_seed(built, tmp_path):
     out, _ = built
     again = tmp_path / "again"
     build_synthetic_dataset(again, 20, seed=3, **SMALL)
-    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "scenes.jsonl"):
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", INSTRUCT, "scenes.jsonl"):
         assert (again / name).read_bytes() == (out / name).read_bytes()
     other = tmp_path / "other"
     build_synthetic_dataset(other, 20, seed=4, **SMALL)
@@ -276,11 +299,12 @@ def test_a_folder_of_the_first_generator_version_gets_a_clear_message_and_is_upd
     manifest = json.loads((out / "synth.json").read_text())
     old = {"generator_version": 1, "seed": manifest["seed"], "world": manifest["world"]}
     (out / "synth.json").write_text(json.dumps(old))
-    with pytest.raises(SyntheticDatasetError, match="generator version 1, not 2: rerun the synth command"):
+    stale = f"generator version 1, not {GENERATOR_VERSION}: rerun the synth command"
+    with pytest.raises(SyntheticDatasetError, match=stale):
         check_synthetic_folder(out)
     before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
     assert build_synthetic_dataset(out, 20, seed=3, **SMALL)["rendered"] == 0
-    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before, "version 1 wrote the same files"
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before, "earlier versions: same files"
     assert check_synthetic_folder(out)["complete"]
     (out / "synth.json").write_text(json.dumps({**old, "generator_version": 99}))
     with pytest.raises(SyntheticDatasetError, match="version 99"):

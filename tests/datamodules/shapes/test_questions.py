@@ -10,7 +10,9 @@ import pytest
 from datamodules.perturb import Perturbation
 from datamodules.records import REFUSAL_TEMPLATE
 from datamodules.shapes.questions import (
+    ABSENT_THINGS,
     FORMS,
+    GENERAL_FORMS,
     REF_KINDS,
     VERIFY_ANSWERS,
     Fact,
@@ -22,6 +24,7 @@ from datamodules.shapes.questions import (
     describe_item,
     describe_scene,
     form_fits,
+    general_items,
     is_false,
     perturb_attribute,
     perturb_object,
@@ -345,19 +348,40 @@ def test_split_words():
     ]
 
 
+def test_general_refusals_are_unanswerable_whatever_the_clip_shows():
+    forms = Counter()
+    for index, scene in enumerate(scenes(200)):
+        (item,) = general_items(scene, random.Random(index))
+        spec, ref = item.slots["spec"], item.slots["ref"]
+        forms[spec.form] += 1
+        assert item.slots["general"] is True and true_answer(scene, spec) is None
+        if spec.form in GENERAL_FORMS:  # sound, speech, who films: no clip of the world has them
+            assert item.missing_element == GENERAL_FORMS[spec.form]
+            assert item.category == ("object" if spec.form == "camera" else "attribute")
+        else:  # a thing the world never has, in one of the clip's own question forms
+            assert ref.shape in ABSENT_THINGS and not resolve_ref(scene, ref) and spec.form in FORMS
+            assert item.missing_element == ref.element and item.category == "object"
+        (written,) = ShapesWriter(index).write([item])
+        assert written.answer == REFUSAL_TEMPLATE.format(missing=item.missing_element)
+        assert set(split_words(written.question + " " + written.answer)) <= set(template_vocabulary())
+    assert set(forms) == {*GENERAL_FORMS, *FORMS} - {"shape"}  # "shape" asks about "the red object"
+    assert sum(forms[form] for form in GENERAL_FORMS) > 60 and sum(forms[form] for form in FORMS) > 60
+
+
 def test_vocabulary_covers_every_generated_word(items):
     vocabulary = set(template_vocabulary())
     assert template_vocabulary() == sorted(vocabulary)
     assert all(word == word.lower() for word in vocabulary) and {"?", "."} <= vocabulary
     used = set()
-    dense = []  # the caption and the qualifier checks of each scene
+    dense = []  # the caption, the qualifier checks and the general refusals of each scene
     for index, scene in enumerate(dict.fromkeys(scene for scene, _ in items)):
         dense += [describe_item(scene), *verify_items(scene, random.Random(index))]
+        dense += general_items(scene, random.Random(index), num=3)
     for index, item in enumerate([*(item for _, item in items), *dense]):
         (written,) = ShapesWriter(index).write([item])
         spec = item.slots["spec"]
         is_fact = isinstance(item, Fact)
-        rejected = unwarranted_refusal(spec) if is_fact else item.slots["hallucination"]
+        rejected = unwarranted_refusal(spec) if is_fact else item.slots.get("hallucination", written.answer)
         for text in (written.question, written.answer, rejected):
             words = split_words(text)
             assert "".join(words) == "".join(text.lower().split()), text  # nothing dropped by the split
