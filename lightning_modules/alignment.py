@@ -248,11 +248,11 @@ class AlignmentModule(L.LightningModule):
             )
             computed += self.precompute_reference(plain)
         if trainer.world_size > 1:
-            shares: list[dict] = [{} for _ in range(trainer.world_size)]
-            dist.all_gather_object(shares, self.reference_cache.pairs)
-            for share in shares:
-                self.reference_cache.pairs.update(share)
-            computed = int(self.trainer.strategy.reduce(torch.tensor(computed, device=self.device), "sum"))
+            shares: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(shares, (self.reference_cache.pairs, computed))
+            for pairs, _ in shares:
+                self.reference_cache.pairs.update(pairs)
+            computed = sum(count for _, count in shares)
         if trainer.is_global_zero and computed:
             self.reference_cache.save()
         trainer.strategy.barrier("reference log-probabilities")
