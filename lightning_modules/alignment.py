@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import math
 from contextlib import nullcontext
@@ -181,6 +182,11 @@ class AlignmentModule(L.LightningModule):
     @torch.no_grad()
     def reference_pair_logps(self, batch: dict[str, Any]) -> torch.Tensor:
         """The reference's log-probabilities of a DPO batch's responses (chosen first), in eval mode."""
+        if self.reference is None and not self.uses_lora:
+            raise RuntimeError(
+                "full fine-tuning DPO: the frozen reference copy was freed after the reference pass, and "
+                "these pairs are not in its cache"
+            )
         reference = self.reference if self.reference is not None else self.llm
         training = reference.training
         reference.eval()
@@ -233,26 +239,28 @@ class AlignmentModule(L.LightningModule):
         loaders = [datamodule.train_dataloader()]
         if trainer.limit_val_batches != 0:
             loaders.append(datamodule.val_dataloader())
-        self.reference_cache = self._reference_cache()
-        read = self.reference_cache.load()
-        computed = 0
-        for loader in loaders:
-            # This rank's share of the items, in order, with the training loader's collation.
-            shard = range(trainer.global_rank, len(loader.dataset), trainer.world_size)
-            plain = torch.utils.data.DataLoader(
+        read = 0
+        if self.reference_cache is None:  # a second `fit` of this module keeps the first one's
+            self.reference_cache = self._reference_cache()
+            read = self.reference_cache.load()
+        # This rank's share of each loader's items, in order, with the loader's collation.
+        shares = [
+            torch.utils.data.DataLoader(
                 loader.dataset,
                 batch_size=loader.batch_size,
-                sampler=list(shard),
+                sampler=list(range(trainer.global_rank, len(loader.dataset), trainer.world_size)),
                 collate_fn=loader.collate_fn,
                 num_workers=loader.num_workers,
             )
-            computed += self.precompute_reference(plain)
+            for loader in loaders
+        ]
+        computed = self.precompute_reference(itertools.chain(*shares))  # then a frozen copy is freed
         if trainer.world_size > 1:
-            shares: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(shares, (self.reference_cache.pairs, computed))
-            for pairs, _ in shares:
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, (self.reference_cache.pairs, computed))
+            for pairs, _ in gathered:
                 self.reference_cache.pairs.update(pairs)
-            computed = sum(count for _, count in shares)
+            computed = sum(count for _, count in gathered)
         if trainer.is_global_zero and computed:
             self.reference_cache.save()
         trainer.strategy.barrier("reference log-probabilities")
