@@ -6,7 +6,9 @@ from the LightningModule at `setup` (attribute `processor`) or from its own `pro
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -27,6 +29,11 @@ from datamodules.video import Clip, read_clip
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# What each position of a DPO pair row ([prompt][chosen][rejected], left-padded) holds: `pair_segments`.
+SEGMENT_PAD, SEGMENT_PROMPT, SEGMENT_CHOSEN, SEGMENT_REJECTED = 0, 1, 2, 3
+# Processor outputs with one value per token, which a pair row extends over its rejected response.
+PER_TOKEN_KEYS = {"input_ids": None, "attention_mask": 1, "labels": None, "mm_token_type_ids": 0,
+                  "token_type_ids": 0}
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,7 @@ class ChatCollator:
     """Turns (example, clip) pairs into model inputs with the processor's chat template (a clip: a `Clip`,
     whose frame rate and frame indices reach the processor, or a bare (T, H, W, 3) frame array).
 
-    `mode`: "sft" (prompt + gold answer, labels on the answer only), "dpo" (chosen rows then rejected rows),
+    `mode`: "sft" (prompt + gold answer, labels on the answer only), "dpo" (one row per pair, see `_pairs`),
     "generate" (prompt only, plus prompt + refusal opening for the refusal likelihood).
     A prompt longer than `max_length` is an error, never truncated (it would cut through video tokens).
 
@@ -295,6 +302,55 @@ class ChatCollator:
         batch["labels"] = labels
         return batch
 
+    def _pairs(self, examples: list[Example], videos: list[Clip | np.ndarray]) -> dict[str, Any]:
+        """One row per pair: [prompt with its video tokens][chosen response][rejected response], left-padded.
+
+        The clip and prompt are encoded once per pair. `labels` hold both responses' tokens; `pair_segments`
+        marks each position `SEGMENT_PAD`, `_PROMPT`, `_CHOSEN` or `_REJECTED`, from which the model step
+        builds the attention mask (rejected tokens do not see chosen ones) and positions (the rejected
+        response's restart after the prompt); `losses.pair_logps` then scores both responses as the rows
+        [prompt][chosen] and [prompt][rejected] would be. `pair_digests` identify each pair's content (its
+        clip's path, tokens and segments), so cached reference log-probabilities of a changed pair are
+        never reused.
+        """
+        batch = self._labelled(examples, [e.record.answer for e in examples], videos)
+        spans = self._response_spans([((e.record.question, e.rejected or ""),) for e in examples])
+        encoded = self.tokenizer([text for text, _, _ in spans])["input_ids"]
+        rejected = [ids[start:end] for ids, (_, _, ((start, end),)) in zip(encoded, spans, strict=True)]
+        per_token = {k: v for k, v in batch.items() if k in PER_TOKEN_KEYS}
+        rows, width = batch["input_ids"].shape
+        for key, value in batch.items():
+            if key not in per_token and torch.is_tensor(value) and tuple(value.shape) == (rows, width):
+                raise ValueError(f"processor output {key!r} has one value per token; DPO pair rows cannot "
+                                 "extend it over the rejected response")
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        packed_width = max(n + len(r) for n, r in zip(lengths, rejected, strict=True))
+        pad = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
+        packed = {
+            k: torch.full((rows, packed_width), pad.get(k, 0), dtype=v.dtype) for k, v in per_token.items()
+        }
+        segments = torch.full((rows, packed_width), SEGMENT_PAD, dtype=torch.long)
+        digests = []
+        for row, (length, tokens) in enumerate(zip(lengths, rejected, strict=True)):
+            start, middle = packed_width - length - len(tokens), packed_width - len(tokens)
+            ids = torch.tensor(tokens, dtype=batch["input_ids"].dtype)
+            for key, value in per_token.items():
+                packed[key][row, start:middle] = value[row, width - length :]
+                fill = PER_TOKEN_KEYS[key]
+                packed[key][row, middle:] = ids if fill is None else fill
+            chosen = (packed["labels"][row, start:middle] != IGNORE_INDEX).nonzero().flatten()
+            prompt_end = start + int(chosen[0])
+            segments[row, start:prompt_end] = SEGMENT_PROMPT
+            segments[row, prompt_end:middle] = SEGMENT_CHOSEN
+            segments[row, middle:] = SEGMENT_REJECTED
+            content = [examples[row].video_path, packed["input_ids"][row, start:].tolist(),
+                       segments[row, start:].tolist()]
+            digests.append(hashlib.sha1(json.dumps(content).encode()).hexdigest()[:20])
+        batch.update(packed)
+        batch["pair_segments"] = segments
+        batch["pair_digests"] = digests
+        return batch
+
     def _check_length(self, lengths: torch.Tensor, examples: list[Example]) -> None:
         for example, length in zip(examples, lengths.tolist(), strict=True):
             if length > self.max_length:
@@ -314,8 +370,7 @@ class ChatCollator:
         if self.mode == "sft":
             batch = self._labelled(examples, [e.record.answer for e in examples], videos)
         elif self.mode == "dpo":
-            responses = [e.record.answer for e in examples] + [e.rejected or "" for e in examples]
-            batch = self._labelled(examples + examples, responses, videos + videos)
+            batch = self._pairs(examples, videos)
         else:
             prompts = [self.prompt(e.record.question) for e in examples]
             batch = self._encode(prompts, videos)

@@ -1,15 +1,18 @@
 """`AlignmentModule`: SFT or DPO fine-tuning of a video-LLM, plus generation for `predict` and `test`.
 
 With LoRA the DPO reference is the same model with its adapters disabled (one copy in memory); without LoRA it
-is a frozen copy. `test` generates for every item and hands the responses to an `AnswerabilityEvaluator`
-(judging, metrics, reports); for a LoRA model it also generates with the adapters disabled, the model before
-alignment (the paper's f0), for the before/after scores.
+is a frozen copy. A DPO pair is one row, [prompt with video][chosen][rejected], scored in one pass
+(`preference.py`); the reference's log-probabilities are computed once before training and cached on disk
+(`precompute_ref_log_probs`), after which a frozen copy is freed. `test` generates for every item and hands
+the responses to an `AnswerabilityEvaluator` (judging, metrics, reports); for a LoRA model it also generates
+with the adapters disabled, the model before alignment (the paper's f0), for the before/after scores.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,11 +20,18 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
 from datamodules.records import read_predictions, write_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
-from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps
+from lightning_modules.losses import dpo_with_sft, pair_logps, preference_loss, sequence_logps
+from lightning_modules.preference import (
+    ReferenceCache,
+    pair_model_inputs,
+    reference_identity,
+    reference_weights,
+)
 from lightning_modules.video_llm import (
     VideoLLMConfig,
     count_parameters,
@@ -64,6 +74,8 @@ class AlignmentModule(L.LightningModule):
         loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid",
         label_smoothing: float = 0.0,
         sft_weight: float = 0.0,
+        precompute_ref_log_probs: bool = True,
+        reference_cache_dir: str | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -80,6 +92,11 @@ class AlignmentModule(L.LightningModule):
             objective: "sft" (NLL of the gold response) or "dpo" (a preference loss against the reference).
             beta, loss_type, label_smoothing: preference-loss settings (see `losses.preference_loss`).
             sft_weight: weight of an SFT term on the chosen response added to the preference loss.
+            precompute_ref_log_probs: DPO: compute the reference's log-probabilities of every training and
+                validation pair once, before training, and cache them on disk (a resumed run reuses them);
+                False runs the reference in every step.
+            reference_cache_dir: folder of that cache (one file per reference model identity); defaults to
+                `<output_dir>/reference_logps`.
             lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay (`warmup_cosine`).
             max_new_tokens: generation length for `predict` and `test` (greedy).
             judge: labels each response refused/correct/reason_ok (default: exact match, synthetic world).
@@ -101,6 +118,7 @@ class AlignmentModule(L.LightningModule):
         if disable_dropout if disable_dropout is not None else objective == "dpo":
             _disable_dropout(self.llm)
         self.reference: torch.nn.Module | None = None
+        self.reference_cache: ReferenceCache | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.evaluator = AnswerabilityEvaluator(judge)  # a submodule: its metrics follow the device and sync
         self._before_responses: dict[str, str] | None = None
@@ -127,7 +145,8 @@ class AlignmentModule(L.LightningModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Records and ids ride along with the tensors but are plain Python: move only the rest.
-        passengers = {k: batch.pop(k) for k in ("records", "ids") if isinstance(batch, dict) and k in batch}
+        riders = ("records", "ids", "pair_digests")
+        passengers = {k: batch.pop(k) for k in riders if isinstance(batch, dict) and k in batch}
         batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
         batch.update(passengers)
         return batch
@@ -148,10 +167,13 @@ class AlignmentModule(L.LightningModule):
             and self.hparams.objective == "dpo"
             and not self.uses_lora
             and self.reference is None
+            and self.reference_cache is None
         ):
             self.reference = copy.deepcopy(self.llm).eval().requires_grad_(False)
 
     def on_fit_start(self) -> None:
+        if self.hparams.objective == "dpo" and self.hparams.precompute_ref_log_probs:
+            self._precompute_reference_for_fit()
         # Lightning keeps the modes modules have; a loaded checkpoint comes in eval mode (see
         # `set_training_mode`). The frozen reference copy stays in eval mode.
         set_training_mode(self.llm, self.config)
@@ -172,12 +194,112 @@ class AlignmentModule(L.LightningModule):
             log.info("FSDP: the model's %s parameters cast to float32", sorted(map(str, dtypes)))
             self.llm.float()
 
+    # ------------------------------------------------------------------------------------- DPO
+    def pair_logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`model`'s summed log-probabilities and token counts of a DPO batch's responses (chosen ones
+        first), from one shared-prefix pass over its pair rows."""
+        if "pair_segments" not in batch:
+            raise ValueError("a DPO batch needs pair rows (ChatCollator mode 'dpo'): no 'pair_segments'")
+        inputs = pair_model_inputs(model, self._inputs(batch), batch)
+        logits = model(**inputs, use_cache=False).logits
+        return pair_logps(logits, batch["labels"], batch["pair_segments"])
+
+    @torch.no_grad()
+    def reference_pair_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The reference's log-probabilities of a DPO batch's responses (chosen first), in eval mode."""
+        if self.reference is None and not self.uses_lora:
+            raise RuntimeError(
+                "full fine-tuning DPO: the frozen reference copy was freed after the reference pass, and "
+                "these pairs are not in its cache"
+            )
+        reference = self.reference if self.reference is not None else self.llm
+        training = reference.training
+        reference.eval()
+        try:
+            with self._reference_context():
+                logps, _ = self.pair_logps(reference, batch)
+        finally:
+            reference.train(training)
+        return logps
+
+    def _reference_cache(self) -> ReferenceCache:
+        folder = self.hparams.reference_cache_dir
+        if folder is None and (self.hparams.output_dir or self._trainer is not None):
+            folder = self.out_dir / "reference_logps"
+        weights = reference_weights(self.llm, self.reference)
+        config = self.config
+        identity = reference_identity(config.name_or_path, config.num_frames, self.processor, weights)
+        if dist.is_available() and dist.is_initialized():  # every rank names the same file
+            shared = [identity]
+            dist.broadcast_object_list(shared, src=0)
+            identity = shared[0]
+        return ReferenceCache(folder, identity)
+
+    def precompute_reference(self, batches: Any) -> int:
+        """Compute (or take from the cache) the reference log-probabilities of these DPO batches' pairs;
+        then a frozen reference copy is freed. Returns the number of pairs newly computed."""
+        if self.reference_cache is None:
+            self.reference_cache = self._reference_cache()
+            self.reference_cache.load()
+        cache, computed = self.reference_cache, 0
+        for batch in batches:
+            if not cache.missing(batch["ids"], batch["pair_digests"]):
+                continue
+            batch = self.transfer_batch_to_device(dict(batch), self.device, 0)
+            cache.add(batch["ids"], batch["pair_digests"], self.reference_pair_logps(batch))
+            computed += len(batch["ids"])
+        self.reference = None  # the log-probabilities are all the reference is needed for
+        return computed
+
+    def _precompute_reference_for_fit(self) -> None:
+        """The reference pass of `fit`: every training and validation pair, this rank's share, gathered."""
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError(
+                "DPO with precompute_ref_log_probs reads the pairs from the LightningDataModule: fit with "
+                "`datamodule=`, or set precompute_ref_log_probs=False to run the reference in every step"
+            )
+        loaders = [datamodule.train_dataloader()]
+        if trainer.limit_val_batches != 0:
+            loaders.append(datamodule.val_dataloader())
+        read = 0
+        if self.reference_cache is None:  # a second `fit` of this module keeps the first one's
+            self.reference_cache = self._reference_cache()
+            read = self.reference_cache.load()
+        # This rank's share of each loader's items, in order, with the loader's collation.
+        shares = [
+            torch.utils.data.DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size,
+                sampler=list(range(trainer.global_rank, len(loader.dataset), trainer.world_size)),
+                collate_fn=loader.collate_fn,
+                num_workers=loader.num_workers,
+            )
+            for loader in loaders
+        ]
+        computed = self.precompute_reference(itertools.chain(*shares))  # then a frozen copy is freed
+        if trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, (self.reference_cache.pairs, computed))
+            for pairs, _ in gathered:
+                self.reference_cache.pairs.update(pairs)
+            computed = sum(count for _, count in gathered)
+        if trainer.is_global_zero and computed:
+            self.reference_cache.save()
+        trainer.strategy.barrier("reference log-probabilities")
+        log.info(
+            "reference log-probabilities: %d pairs computed, %d read from %s",
+            computed,
+            read,
+            self.reference_cache.path,
+        )
+
     # ------------------------------------------------------------------------------------ training
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        logits = self(batch)
-        labels = batch["labels"]
         if self.hparams.objective == "sft":
-            logps, counts = sequence_logps(logits, labels)
+            labels = batch["labels"]
+            logps, counts = sequence_logps(self(batch), labels)
             loss = -logps.sum() / counts.sum().clamp(min=1)  # this batch's token mean (= `sft_loss`)
             self.log(
                 f"{stage}/loss", loss, prog_bar=True, batch_size=labels.shape[0], sync_dist=stage != "train"
@@ -188,11 +310,18 @@ class AlignmentModule(L.LightningModule):
             # Lightning divides what is returned by accumulate_grad_batches: undone here.
             self._window_tokens = self._window_tokens + counts.sum().detach()
             return -logps.sum() * self.trainer.accumulate_grad_batches
-        logps, counts = sequence_logps(logits, labels)
-        with torch.no_grad(), self._reference_context():
-            reference = self.reference if self.reference is not None else self.llm
-            ref_logps, _ = sequence_logps(reference(**self._inputs(batch), use_cache=False).logits, labels)
-        half = labels.shape[0] // 2
+        logps, counts = self.pair_logps(self.llm, batch)
+        if self.hparams.precompute_ref_log_probs:
+            if self.reference_cache is None:
+                raise RuntimeError(
+                    "DPO with precompute_ref_log_probs: no reference log-probabilities; `fit` computes them "
+                    "before training (or call `precompute_reference` with the batches)"
+                )
+            ids, digests = batch["ids"], batch["pair_digests"]
+            ref_logps = self.reference_cache.lookup(ids, digests, logps.dtype, logps.device)
+        else:
+            ref_logps = self.reference_pair_logps(batch)
+        half = logps.shape[0] // 2
         scale = counts.clamp_min(1) if self.hparams.loss_type == "ipo" else torch.ones_like(logps)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             (logps / scale)[:half],

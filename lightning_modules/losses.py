@@ -1,6 +1,7 @@
-"""Alignment losses as pure tensor functions: causal-LM sequence log-probabilities, the SFT loss,
-the pairwise preference losses (DPO / cDPO, IPO, hinge, robust DPO) and an SFT term on the chosen
-response. Nothing here touches a model, so every formula is unit-tested on hand-made numbers.
+"""Alignment losses as pure tensor functions: causal-LM sequence log-probabilities (of single rows, and of
+the chosen and rejected responses of a shared-prefix pair row), the SFT loss, the pairwise preference losses
+(DPO / cDPO, IPO, hinge, robust DPO) and an SFT term on the chosen response. Nothing here touches a model,
+so every formula is unit-tested on hand-made numbers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ __all__ = [
     "LOSS_TYPES",
     "chosen_nll",
     "dpo_with_sft",
+    "pair_logps",
     "preference_loss",
     "sequence_logps",
     "sft_loss",
@@ -68,6 +70,53 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
 
     logps = torch.zeros(batch, dtype=compute_dtype, device=logits.device).index_add(0, rows, token_logps)
     counts = mask.sum(dim=-1)
+    return logps, counts
+
+
+def pair_logps(
+    logits: Tensor, labels: Tensor, segments: Tensor, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
+    """:func:`sequence_logps` of the chosen and the rejected response of shared-prefix pair rows.
+
+    A pair row is ``[prompt][chosen][rejected]`` (left padding first), with ``segments`` marking each
+    position ``SEGMENT_PAD`` (0), ``SEGMENT_PROMPT`` (1), ``SEGMENT_CHOSEN`` (2) or ``SEGMENT_REJECTED``
+    (3) (``datamodules.answerability``), and the logits come from a pass in which the rejected tokens do not
+    see the chosen ones. A label at position ``t`` is scored by the logits at ``t - 1``, except the first
+    rejected token, which is scored by the logits of the last prompt token (in ``[prompt][rejected]`` they
+    are the position before it). So, for each row ``b``, the results equal :func:`sequence_logps` of the
+    rows ``[prompt][chosen]`` and ``[prompt][rejected]``.
+
+    Returns:
+        ``(logps, counts)``, each ``(2 * batch,)``: the chosen responses' first, then the rejected ones'
+        (the layout of two-row pairs), with the dtypes of :func:`sequence_logps`.
+    """
+    from datamodules.answerability import SEGMENT_PROMPT, SEGMENT_REJECTED
+
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or segments.shape != labels.shape:
+        raise ValueError(
+            f"logits (batch, seq_len, vocab), labels and segments (batch, seq_len) expected, got shapes "
+            f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(segments.shape)}"
+        )
+    batch, length = labels.shape
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    mask = labels != ignore_index
+    mask[:, 0] = False  # as in sequence_logps: the first position has no logits before it
+    rows, cols = mask.nonzero(as_tuple=True)
+    positions = torch.arange(length, device=labels.device)
+    prompt_last = torch.where(segments == SEGMENT_PROMPT, positions, -1).amax(dim=1)
+    rejected = segments[rows, cols] == SEGMENT_REJECTED
+    first_rejected = rejected & (segments[rows, cols - 1] != SEGMENT_REJECTED)
+    sources = torch.where(first_rejected, prompt_last[rows], cols - 1)
+    if bool((sources < 0).any()):
+        raise ValueError("a pair row has a rejected response but no prompt token before it")
+    selected = logits[rows, sources].to(compute_dtype)
+    targets = labels[rows, cols]
+    token_logps = torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    bins = rows + batch * rejected.long()
+    logps = torch.zeros(2 * batch, dtype=compute_dtype, device=logits.device).index_add(0, bins, token_logps)
+    counts = torch.zeros(2 * batch, dtype=torch.long, device=labels.device).index_add(
+        0, bins, torch.ones_like(bins)
+    )
     return logps, counts
 
 

@@ -268,6 +268,23 @@ def test_ddp_fit_on_two_cpu_processes(tmp_path, cli_args, main_env):
     assert checkpoint["global_step"] == 2 and all(k.startswith("llm.") for k in checkpoint["state_dict"])
 
 
+@pytest.mark.slow  # about 2 minutes on a busy 2-core machine
+def test_ddp_dpo_reference_pass_covers_every_pair_once(tmp_path, cli_args, main_env, synthetic_data):
+    """LoRA DPO on 2 CPU processes: before training each rank computes the reference log-probabilities of its
+    share of the pairs; rank 0 writes all of them, train and val, into one cache file."""
+    args = ["fit", "-c", str(REPO / "configs/trainer/ddp.yaml"),
+            *cli_args(None, tmp_path, objective="dpo", lora=True, steps=2), "--trainer.devices=2"]
+    done = run_main_py(args, main_env, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    files = list((tmp_path / "reference_logps").glob("*.json"))
+    assert len(files) == 1
+    cached = json.loads(files[0].read_text())["pairs"]
+    expected = {r.id for split in ("train", "val") for r in read_records(synthetic_data / f"{split}.jsonl")[0]
+                if r.rejected is not None and r.rejected.strip() != r.answer.strip()}
+    assert set(cached) == expected
+    assert all(math.isfinite(c) and math.isfinite(r) and c < 0 and r < 0 for _, c, r in cached.values())
+
+
 def test_ddp_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path, cli_args, main_env):
     """2 CPU processes, one epoch of 4 steps validated and checkpointed every 2: a run killed before step 3
     and resumed with `--ckpt_path last` trains steps 3-4 on each rank's batches 3-4 (not 1-2 again) and

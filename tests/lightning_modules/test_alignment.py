@@ -20,6 +20,10 @@ from probes import CrashAt, SeenBatches, StopAfter
 
 from datamodules.answerability import (
     IGNORE_INDEX,
+    SEGMENT_CHOSEN,
+    SEGMENT_PAD,
+    SEGMENT_PROMPT,
+    SEGMENT_REJECTED,
     AnswerabilityDataModule,
     ChatCollator,
     EpochSeededSampler,
@@ -28,7 +32,7 @@ from datamodules.answerability import (
 from datamodules.records import RecordError, read_records
 from datamodules.shapes.questions import template_vocabulary
 from datamodules.video import read_video
-from lightning_modules.alignment import warmup_cosine
+from lightning_modules.alignment import AlignmentModule, warmup_cosine
 from lightning_modules.tiny import TINY_CHAT_TEMPLATE, TinyArchitecture, build_tiny_processor
 from lightning_modules.video_llm import VideoLLMConfig, load_video_llm
 
@@ -100,8 +104,19 @@ def test_labels_cover_the_response_only(processor, synthetic_data):
     answers = [answerable["answer"], unanswerable["answer"]]
     check(ChatCollator(processor, "sft")(items), answers)
     dpo = ChatCollator(processor, "dpo")(items)
-    assert dpo["input_ids"].shape[0] == 4 and dpo["ids"] == [answerable["id"], unanswerable["id"]]
-    check(dpo, answers + [answerable["rejected"], unanswerable["rejected"]])
+    assert dpo["input_ids"].shape[0] == 2 and dpo["ids"] == [answerable["id"], unanswerable["id"]]
+    # One row a pair: [prompt][chosen][rejected]; the labels cover both responses, which end the row.
+    pairs = zip(answers, (answerable, unanswerable), strict=True)
+    check(dpo, [f"{answer} </s> {record['rejected']}" for answer, record in pairs])
+    for row, record in enumerate((answerable, unanswerable)):
+        segments = dpo["pair_segments"][row]
+        rejected = len(tokenizer(record["rejected"], add_special_tokens=False)["input_ids"]) + 1
+        chosen = len(tokenizer(record["answer"], add_special_tokens=False)["input_ids"]) + 1
+        expected = [SEGMENT_CHOSEN] * chosen + [SEGMENT_REJECTED] * rejected
+        assert segments[-chosen - rejected :].tolist() == expected
+        assert (segments[dpo["attention_mask"][row] == 0] == SEGMENT_PAD).all()
+        prompt = segments[: -chosen - rejected][dpo["attention_mask"][row][: -chosen - rejected] == 1]
+        assert len(prompt) and (prompt == SEGMENT_PROMPT).all()
 
 
 def test_packed_conversations_label_every_answer_and_nothing_else(processor, synthetic_data):
@@ -388,8 +403,11 @@ def test_exported_adapter_loads_with_peft(lora_dpo_run, synthetic_data):
 
 
 def test_full_finetuning_dpo_reference_is_a_frozen_copy(tmp_path, cli_args, run_main, tiny_base):
+    """With the reference run in every step (precompute_ref_log_probs=False), full fine-tuning keeps a frozen
+    copy of the initial model."""
     cli = run_main(cli_args("fit", tmp_path, objective="dpo", base=tiny_base, steps=2,
-                            extra=["--model.init_args.lr=0.01", "--trainer.limit_val_batches=0"]))
+                            extra=["--model.init_args.lr=0.01", "--trainer.limit_val_batches=0",
+                                   "--model.init_args.precompute_ref_log_probs=false"]))
     module = cli.model
     reference = module.reference
     assert reference is not None and reference is not module.llm
@@ -405,6 +423,86 @@ def test_full_finetuning_dpo_reference_is_a_frozen_copy(tmp_path, cli_args, run_
     assert any(not torch.equal(policy[n], fresh_state[n]) for n, p in policy.items() if p.requires_grad)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
     assert set(state) == trainable_keys(module), "no reference weights in the checkpoint"
+
+
+def dpo_pairs(datamodule, split: str) -> list[dict]:
+    """Every pair of a split, collated as the training loader does, in batches."""
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    dataset, collate = loader.dataset, loader.collate_fn
+    return [collate([dataset[i] for i in range(start, min(start + 4, len(dataset)))])
+            for start in range(0, len(dataset), 4)]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_reference_log_probs_are_computed_once_before_training(tmp_path, cli_args, run_main, tiny_base,
+                                                                   lora):
+    """precompute_ref_log_probs (the default): `fit` computes the reference log-probabilities of every
+    training and validation pair before training, equal to the initial model's (the frozen copy's, then
+    freed; or the adapters-disabled model's), in one cache file; the steps read them from it."""
+    cli = run_main(cli_args("fit", tmp_path, objective="dpo", base=tiny_base, lora=lora, steps=2,
+                            extra=["--model.init_args.lr=0.01"]))
+    module = cli.model
+    assert module.reference is None, "no reference model is kept for training"
+    files = list((tmp_path / "reference_logps").glob("*.json"))
+    assert len(files) == 1 and files[0] == module.reference_cache.path
+    cached = json.loads(files[0].read_text())
+    assert cached["identity"]["name_or_path"] == str(tiny_base) and cached["identity"]["num_frames"] == 2
+
+    config = VideoLLMConfig(name_or_path=str(tiny_base), num_frames=2)
+    initial = AlignmentModule(model=config, objective="dpo", precompute_ref_log_probs=False).eval()
+    seen = 0
+    for split in ("train", "val"):
+        for batch in dpo_pairs(cli.datamodule, split):
+            with torch.no_grad():
+                expected, _ = initial.pair_logps(initial.llm, batch)
+            half = len(batch["ids"])
+            for row, (record, digest) in enumerate(zip(batch["ids"], batch["pair_digests"], strict=True)):
+                entry = cached["pairs"][record]
+                assert entry[0] == digest
+                pair = [float(expected[row]), float(expected[half + row])]
+                assert entry[1:] == pytest.approx(pair, abs=1e-5)
+                seen += 1
+    assert seen == len(cached["pairs"]) > 0
+
+    if lora:
+        return
+    # a changed pair is not matched to its stale entry: the step refuses it, naming the pair and the file
+    batch = dpo_pairs(cli.datamodule, "train")[0]
+    batch["pair_digests"] = ["changed"] + batch["pair_digests"][1:]
+    with pytest.raises(RuntimeError, match=f"pair {batch['ids'][0]!r}: the reference log-probability cache"):
+        module.model_step(batch, "train")
+
+
+def test_dpo_resume_reuses_the_cached_reference_and_matches_an_uninterrupted_run(tmp_path, cli_args,
+                                                                                 run_main, tiny_base):
+    """Full fine-tuning DPO with cached reference log-probabilities, one epoch of 4 batches checkpointed
+    every 2: a run killed before step 3 and resumed from `last.ckpt` reuses the cache (the reference
+    identity is the initial model's, not the restored weights') and ends with the uninterrupted run's
+    weights."""
+
+    def fit(out: Path, *callbacks: L.Callback, ckpt_path: Path | None = None):
+        args = cli_args(None, out, objective="dpo", base=tiny_base, steps=-1,
+                        extra=["--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+                               "--trainer.val_check_interval=2", "--model.init_args.lr=0.01",
+                               "--model.init_args.warmup_steps=1"])
+        cli = run_main(args, run=False)
+        cli.trainer.callbacks.extend(callbacks)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        return {n: p.detach().clone() for n, p in cli.model.llm.named_parameters() if p.requires_grad}
+
+    straight = fit(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "resumed", CrashAt(2))
+    files = list((tmp_path / "resumed" / "reference_logps").glob("*.json"))
+    assert len(files) == 1, "the reference pass ran, and its cache was written, before the crash"
+    written = files[0].stat().st_mtime_ns
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 2
+    final = fit(tmp_path / "resumed", ckpt_path=last)
+    assert list((tmp_path / "resumed" / "reference_logps").glob("*.json")) == files, "the same identity"
+    assert files[0].stat().st_mtime_ns == written, "nothing recomputed: the cache is not rewritten"
+    for name in straight:
+        torch.testing.assert_close(final[name], straight[name], msg=name)
 
 
 def test_mid_epoch_resume_trains_on_the_batches_an_uninterrupted_run_does(tmp_path, cli_args, run_main,

@@ -20,7 +20,8 @@ from datamodules.records import REFUSAL_OPENING, QARecord
 from datamodules.shapes.questions import template_vocabulary
 from datamodules.shapes.world import WorldConfig, sample_scene, write_clip
 from lightning_modules.alignment import MODEL_INPUTS, AlignmentModule
-from lightning_modules.losses import sft_loss
+from lightning_modules.losses import preference_loss, sequence_logps, sft_loss
+from lightning_modules.preference import pair_model_inputs
 from lightning_modules.video_llm import LoraSettings, VideoLLMConfig, load_video_llm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -98,8 +99,12 @@ def test_processor_output_drives_the_collator(family, checkpoint, items):
     assert sft["ids"] == ["a", "b"]
 
     dpo = ChatCollator(processor, "dpo")(items)
-    assert dpo["input_ids"].shape[0] == 4
-    assert_labels_cover(dpo, tokenizer, answers + [r.rejected for r in RECORDS])
+    assert dpo["input_ids"].shape[0] == 2, "one row a pair: [prompt][chosen][rejected]"
+    for row, record in enumerate(RECORDS):
+        labels = dpo["labels"][row]
+        expected = response_ids(tokenizer, record.answer) + response_ids(tokenizer, record.rejected)
+        assert labels[labels != IGNORE_INDEX].tolist() == expected
+        assert labels[-len(expected) :].tolist() == expected
 
     generate = ChatCollator(processor, "generate")(items)
     assert "labels" not in generate
@@ -196,6 +201,7 @@ def test_lora_reference_is_the_base_model(family, checkpoint, items):
     dpo = ChatCollator(module.processor, "dpo")(items)
     optimizer = torch.optim.AdamW([p for p in module.llm.parameters() if p.requires_grad], lr=1e-2)
     module.train()
+    assert module.precompute_reference([dpo]) == 2, "the reference pass, once, before training"
     loss = module.model_step(dpo, "train")
     assert torch.isclose(loss, torch.log(torch.tensor(2.0))), "policy == reference before training"
     loss.backward()
@@ -214,6 +220,53 @@ def test_lora_reference_is_the_base_model(family, checkpoint, items):
     assert not torch.allclose(adapted, reference, atol=1e-4)
     with torch.no_grad():
         assert module.model_step(dpo, "train") < loss, "one DPO step moves the policy toward the chosen side"
+
+
+@pytest.mark.parametrize("family,attention", [(f, "sdpa_padding_safe") for f in FAMILIES]
+                         + [("llava_next_video", "eager"), ("qwen2_5_vl", "eager")])
+def test_shared_prefix_pair_pass_equals_two_rows(family, attention, checkpoint, items):
+    """One pass over [prompt][chosen][rejected] rows gives the log-probabilities, token counts, DPO loss and
+    gradients of the two-row computation ([prompt][chosen] and [prompt][rejected] rows, left-padded, the
+    layout before pair rows) within 1e-5 in float32; without the pair mask and positions it would not."""
+    torch.manual_seed(0)
+    config = VideoLLMConfig(name_or_path=checkpoint(family), num_frames=4, attn_implementation=attention)
+    module = AlignmentModule(model=config, objective="dpo", precompute_ref_log_probs=False)
+    collator = ChatCollator(module.processor, "dpo")
+    pairs = collator(items)
+    examples, clips = [e for e, _ in items], [c for _, c in items]
+    rows = collator._labelled(examples * 2, [r.answer for r in RECORDS] + [r.rejected for r in RECORDS],
+                              clips * 2)
+    assert (rows["attention_mask"] == 0).any() and (pairs["attention_mask"] == 0).any(), "left padding"
+    params = [p for p in module.llm.parameters() if p.requires_grad]
+
+    def loss_and_grads(logps, counts):
+        # a DPO loss against a fixed reference, so that both sides of each pair carry a gradient
+        reference = torch.tensor([-9.0, -30.0, -7.0, -2.0], dtype=logps.dtype)
+        losses, _, _ = preference_loss(logps[:2], logps[2:], reference[:2], reference[2:], beta=0.5)
+        grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        return losses.mean().detach(), grads
+
+    module.train()
+    logps, counts = module.pair_logps(module.llm, pairs)
+    two_logps, two_counts = sequence_logps(module(rows), rows["labels"])
+    assert counts.tolist() == two_counts.tolist()
+    torch.testing.assert_close(logps, two_logps, rtol=0, atol=1e-5)
+    loss, grads = loss_and_grads(logps, counts)
+    two_loss, two_grads = loss_and_grads(two_logps, two_counts)
+    torch.testing.assert_close(loss, two_loss, rtol=0, atol=1e-5)
+    for grad, two_grad in zip(grads, two_grads, strict=True):
+        torch.testing.assert_close(grad, two_grad, rtol=0, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+    with torch.no_grad():  # the pair mask and positions matter: a plain causal pass scores rejected otherwise
+        inputs = pair_model_inputs(module.llm, model_inputs(pairs), pairs)
+        plain = module.llm(**{**inputs, "attention_mask": pairs["attention_mask"], "position_ids": None},
+                           use_cache=False).logits
+        from lightning_modules.losses import pair_logps
+
+        plain_logps, _ = pair_logps(plain, pairs["labels"], pairs["pair_segments"])
+    assert (plain_logps[2:] - two_logps[2:]).abs().max() > 1e-3
 
 
 def test_qwen2_5_vl_places_frames_in_time_by_the_clip_frame_rate(checkpoint, tmp_path):

@@ -10,6 +10,7 @@ from lightning_modules.losses import (
     LOSS_TYPES,
     chosen_nll,
     dpo_with_sft,
+    pair_logps,
     preference_loss,
     sequence_logps,
     sft_loss,
@@ -314,3 +315,50 @@ def test_chosen_nll_equals_sft_loss_on_chosen_sequences():
     logits, labels = random_batch(seed=8)
     chosen_logps, counts = sequence_logps(logits, labels)
     torch.testing.assert_close(chosen_nll(chosen_logps, counts), sft_loss(logits, labels))
+
+
+def test_pair_logps_scores_each_response_from_its_own_context():
+    """A pair row [pad][prompt x2][chosen x2][rejected x2]: chosen tokens are scored by the logits before
+    them, the first rejected token by the last prompt token's (not the last chosen token's), the second
+    rejected token by the first rejected token's; chosen first, then rejected, as sequence_logps of the
+    rows [prompt][chosen] and [prompt][rejected]."""
+    from datamodules.answerability import SEGMENT_CHOSEN as C
+    from datamodules.answerability import SEGMENT_PAD as P0
+    from datamodules.answerability import SEGMENT_PROMPT as P
+    from datamodules.answerability import SEGMENT_REJECTED as R
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7, 5, dtype=torch.float64, requires_grad=True)
+    segments = torch.tensor([[P0, P, P, C, C, R, R]])
+    labels = torch.tensor([[-100, -100, -100, 1, 2, 3, 4]])
+    logps, counts = pair_logps(logits, labels, segments)
+    log_probs = torch.log_softmax(logits[0], dim=-1)
+    chosen = log_probs[2, 1] + log_probs[3, 2]
+    rejected = log_probs[2, 3] + log_probs[5, 4]
+    torch.testing.assert_close(logps, torch.stack([chosen, rejected]))
+    assert counts.tolist() == [2, 2]
+    logps[1].backward()
+    scored = logits.grad[0].abs().sum(dim=-1) > 0
+    assert scored.tolist() == [False, False, True, False, False, True, False], "no chosen logits in rejected"
+
+    # the same numbers as sequence_logps on the two rows, with the logits each row would have
+    chosen_row = logits[:, [0, 1, 2, 3, 4]].detach()
+    rejected_row = logits[:, [0, 1, 2, 5, 6]].detach()
+    rows, row_counts = sequence_logps(torch.cat([chosen_row, rejected_row]),
+                                      torch.tensor([[-100, -100, -100, 1, 2], [-100, -100, -100, 3, 4]]))
+    torch.testing.assert_close(logps.detach(), rows)
+    assert row_counts.tolist() == counts.tolist()
+
+
+def test_pair_logps_batches_rows_and_checks_shapes():
+    from datamodules.answerability import SEGMENT_CHOSEN as C
+    from datamodules.answerability import SEGMENT_PROMPT as P
+    from datamodules.answerability import SEGMENT_REJECTED as R
+
+    logits = torch.randn(2, 4, 3)
+    segments = torch.tensor([[P, C, R, R], [P, P, C, R]])
+    labels = torch.tensor([[-100, 0, 1, 2], [-100, -100, 1, 0]])
+    logps, counts = pair_logps(logits, labels, segments)
+    assert logps.shape == (4,) and counts.tolist() == [1, 1, 2, 1]
+    with pytest.raises(ValueError, match="segments"):
+        pair_logps(logits, labels, segments[:, :3])
