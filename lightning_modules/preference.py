@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from datamodules.answerability import SEGMENT_CHOSEN, SEGMENT_PAD, SEGMENT_REJECTED
-from datamodules.records import atomic_write_text
+from datamodules.records import atomic_write
 
 # Attention implementations that take a custom 4-D mask: a boolean one (SDPA) or an additive one (eager).
 BOOLEAN_MASK_ATTENTION = ("sdpa", "sdpa_padding_safe")
@@ -185,7 +185,7 @@ class ReferenceCache:
             return
         data = {"identity": self.identity, "pairs": {i: list(v) for i, v in sorted(self.pairs.items())}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(data))
+        atomic_write(self.path, json.dumps(data))
 
     def missing(self, ids: list[str], digests: list[str]) -> bool:
         return any(self.pairs.get(i, ("",))[0] != d for i, d in zip(ids, digests, strict=True))

@@ -68,7 +68,9 @@ def test_fit_trains_a_loaded_checkpoint_in_train_mode_so_checkpointing_recompute
     torch.manual_seed(0)
     config = VideoLLMConfig(name_or_path=str(tiny_base), num_frames=NUM_FRAMES,
                             gradient_checkpointing=checkpointing)
-    module = AlignmentModule(model=config, objective=objective, output_dir=str(tmp_path))
+    # DPO with the reference run in every step, so that a frozen reference copy is held during training.
+    module = AlignmentModule(model=config, objective=objective, output_dir=str(tmp_path),
+                             precompute_ref_log_probs=objective != "dpo")
     assert not module.llm.training, "from_pretrained returns eval mode"
     mlp = module.llm.model.language_model.layers[0].mlp
     calls = []
