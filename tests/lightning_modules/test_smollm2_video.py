@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.answerability import IGNORE_INDEX, ChatCollator, Example
+from datamodules.answerability import (
+    IGNORE_INDEX,
+    SEGMENT_CHOSEN,
+    SEGMENT_PROMPT,
+    SEGMENT_REJECTED,
+    ChatCollator,
+    Example,
+)
 from datamodules.records import read_records
 from datamodules.video import read_clip
 from lightning_modules.smollm2_video import (
@@ -78,8 +85,15 @@ def test_processor_has_smollm2_template_and_labels_end_with_end_of_turn(syntheti
     )
     items = _items(synthetic_data, "train", 2, answerable=True) + _items(synthetic_data, "train", 2, False)
     _check_labels(processor, collator(items), [e.record.answer for e, _ in items])
-    pairs = ChatCollator(processor, "dpo")(items)
-    _check_labels(processor, pairs, [e.record.answer for e, _ in items] + [e.rejected for e, _ in items])
+    pairs = ChatCollator(processor, "dpo")(items)  # one row per pair: [prompt][chosen][rejected]
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    for row, (example, _) in enumerate(items):
+        labels, segments = pairs["labels"][row], pairs["pair_segments"][row]
+        assert (labels[segments == SEGMENT_PROMPT] == IGNORE_INDEX).all()
+        spans = ((SEGMENT_CHOSEN, example.record.answer), (SEGMENT_REJECTED, example.rejected))
+        for segment, response in spans:
+            expected = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
+            assert labels[segments == segment].tolist() == expected, (row, segment, response)
 
 
 def test_bad_inputs_are_one_clear_error(tmp_path, monkeypatch):
