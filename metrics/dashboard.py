@@ -15,6 +15,7 @@ from typing import Any
 
 from metrics.answerability import CATEGORIES
 from metrics.names import AFTER, ALIGNMENT, BEFORE, summary_key
+from metrics.report import ALIGNMENT_SCORE_KEYS
 from metrics.wandb_charts import ROC_GROUPS, chart_keys
 
 __all__ = ["DPO_CURVES", "build_workspace", "main", "panel_keys"]
@@ -40,6 +41,7 @@ def build_workspace(entity: str, project: str, name: str = "Answerability", pref
 
     charts = chart_keys(prefix)
     alignment = [summary_key(prefix, ALIGNMENT, s) for s in ("permissiveness", "discretion")]
+    denominators = [summary_key(prefix, ALIGNMENT, f"{s}/denominator") for s in ALIGNMENT_SCORE_KEYS]
     sections = [
         ws.Section(name="Training", is_open=True, panels=[
             wr.LinePlot(title="Loss", x=STEP, y=["train/loss", "val/loss"]),
@@ -50,7 +52,10 @@ def build_workspace(entity: str, project: str, name: str = "Answerability", pref
                 prefix, "answerable_accuracy", "unanswerable_accuracy", "overall_accuracy")),
             wr.BarPlot(title="Refusing without need (lower is better)", metrics=[
                 *_both(prefix, "over_refusal_rate"), summary_key(prefix, ALIGNMENT, "excessive_refusal")]),
-            wr.BarPlot(title="Permissiveness and discretion (higher is better)", metrics=alignment),
+            wr.BarPlot(title="Permissiveness and discretion (higher is better; no bar: undefined)",
+                       metrics=alignment),
+            wr.BarPlot(title="Items behind each alignment score (0: the score is undefined)",
+                       metrics=denominators),
             wr.BarPlot(title="Unanswerable accuracy by category", metrics=_both(
                 prefix, *(f"unanswerable_accuracy/{c}" for c in CATEGORIES))),
             wr.BarPlot(title="Answerability AUROC by category", metrics=_both(

@@ -440,14 +440,17 @@ def combine_metrics_table(
 # W&B
 
 
-def flat_metrics(metrics: Metrics, prefix: str = "test") -> dict[str, float]:
+def flat_metrics(
+    metrics: Metrics, prefix: str = "test", keep_undefined: bool = False
+) -> dict[str, float | None]:
     """The scores as ``{"<prefix>/after/<score>": value, "<prefix>/alignment/<score>": ...}``, as Lightning
-    and W&B log them; a NaN or missing score is left out."""
-    flat: dict[str, float] = {}
+    and W&B log them. An undefined score (NaN: its denominator is zero) is left out, or with `keep_undefined`
+    kept as None (W&B's null), so that every score a run computed has its key."""
+    flat: dict[str, float | None] = {}
     for key, value in metrics.items():
         if isinstance(value, Mapping):
-            flat.update(flat_metrics(value, f"{prefix}/{key}"))
-        elif (number := _number(value)) is not None:
+            flat.update(flat_metrics(value, f"{prefix}/{key}", keep_undefined))
+        elif (number := _number(value)) is not None or (keep_undefined and value is not None):
             flat[f"{prefix}/{key}"] = number
     return flat
 
@@ -465,15 +468,15 @@ def log_to_wandb(
     chart as an image (``<prefix>/report``), and the charts and tables of `metrics.wandb_charts` (with the
     other figures found beside the image).
 
-    A NaN score is left out of the summary (W&B drops NaN summary values anyway); for the alignment scores
-    the zero denominator beside it says why.
+    An undefined score (NaN) is in the summary as null, so a dashboard panel on it finds its key and shows no
+    bar; its ``<score>/denominator`` beside it (0) says why.
 
     Takes a Lightning `WandbLogger` or a `wandb` run. Call it on rank 0 only: it logs whatever it is given.
     """
     import wandb
 
     run = getattr(logger_or_run, "experiment", logger_or_run)
-    run.summary.update(flat_metrics(metrics, prefix))
+    run.summary.update(flat_metrics(metrics, prefix, keep_undefined=True))
     payload: dict[str, Any] = {}
     if rows:
         flat_rows = [flatten_prediction(r) for r in rows]

@@ -3,8 +3,10 @@
 `chart_payload(metrics, rows)` builds, under a prefix (``test``):
 
 - ``test/roc/{all,object,relation,attribute}``: ROC curves of the refusal likelihood, one line per model
-  with its AUROC in the name (the chart of `wandb.plot.roc_curve`, from torchmetrics' `binary_roc`);
-- ``test/scores/higher_is_better`` and ``test/scores/lower_is_better``: bar charts of every defined score;
+  with its AUROC in the name (the chart of `wandb.plot.roc_curve`, from torchmetrics' `binary_roc`); a
+  category without unanswerable items gets an empty chart titled "n/a";
+- ``test/scores/higher_is_better`` and ``test/scores/lower_is_better``: bar charts of every score, an
+  undefined one as an empty bar labelled "n/a" with its zero denominator;
 - ``test/tradeoff``: answerable accuracy against unanswerable accuracy, a point per model;
 - tables ``test/scores_table`` (every score with its denominator; an undefined one has value None),
   ``test/by_category`` and ``test/by_form``;
@@ -84,6 +86,13 @@ def _scores_rows(evaluation: Evaluation) -> list[list[Any]]:
     return rows
 
 
+def _bar_label(key: str, model: str, value: float | None, n: int | None, counts: str) -> str:
+    label = f"{key} · {model}"
+    if value is not None:
+        return label
+    return f"{label}: n/a" + ("" if n is None else f" ({n} {counts})")
+
+
 def chart_payload(
     metrics: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]] | None = None,
@@ -97,20 +106,22 @@ def chart_payload(
     keys = chart_keys(prefix)
     payload: dict[str, Any] = {}
 
+    scored = [m for m in evaluation.models if roc_curves(evaluation.rows.get(m) or []) is not None]
     for group in ROC_GROUPS:
         data = []
-        for model in evaluation.models:
+        for model in scored:
             curve = roc_curves(evaluation.rows.get(model) or [], None if group == "all" else group)
             if curve is None:
                 continue
             fpr, tpr, auroc, _, _ = curve
             name = f"{model} (AUROC {auroc:.2f})"
             data += [[name, x, y] for x, y in _thin(list(zip(fpr, tpr, strict=True)))]
-        if data:
+        if scored:  # a category without items still gets its chart, empty and titled n/a (an undefined score)
             table = wandb.Table(columns=["class", "fpr", "tpr"], data=data)
+            title = f"Refusal likelihood ROC: {group} unanswerable vs answerable"
             payload[keys[f"roc/{group}"]] = wandb.plot_table(
                 "wandb/area-under-curve/v0", table, {"x": "fpr", "y": "tpr", "class": "class"},
-                {"title": f"Refusal likelihood ROC: {group} unanswerable vs answerable",
+                {"title": title if data else f"{title} (n/a: no such items)",
                  "x-axis-title": "False positive rate (answerable)",
                  "y-axis-title": "True positive rate (unanswerable)"},
             )
@@ -120,8 +131,10 @@ def chart_payload(
         columns=["score", "better", "model", "value", "denominator", "denominator_counts"], data=scores
     )
     for direction in ("higher", "lower"):
-        bars = [[f"{key} · {model}", value] for key, better, model, value, _, _ in scores
-                if better == direction and value is not None]
+        # An undefined score keeps its bar slot: no height, "n/a" and its zero denominator in the label, so
+        # it cannot pass for a zero.
+        bars = [[_bar_label(key, model, value, n, counts), 0.0 if value is None else value]
+                for key, better, model, value, n, counts in scores if better == direction]
         if bars:
             payload[keys[f"scores/{direction}_is_better"]] = wandb.plot.bar(
                 wandb.Table(columns=["score", "value"], data=bars), "score", "value",

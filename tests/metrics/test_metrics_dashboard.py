@@ -1,6 +1,7 @@
 """The W&B dashboard builds offline, and every panel reads a key that the project's own logging writes: the
-training curves from a real `main.py fit` (LoRA DPO, offline W&B), the evaluation panels from `log_to_wandb`,
-the function `test` calls, on a realistic before/after run."""
+training curves from a real `main.py fit` (LoRA DPO, offline W&B) and the evaluation panels from a real
+`main.py test` of its checkpoint, whose model before alignment refuses no answerable item (Permissiveness
+undefined, as in the demo), and from `log_to_wandb` on a realistic run where every score is defined."""
 
 from __future__ import annotations
 
@@ -35,6 +36,21 @@ def evaluation_keys(tmp_path_factory):
     return set(read_run(run_file(folder)).summary)
 
 
+@pytest.fixture(scope="module")
+def test_run_summary(tmp_path_factory, lora_dpo_run, cli_args, run_main):
+    """The summary of a real `main.py test` run (offline W&B) of the LoRA DPO checkpoint, and its metrics."""
+    import wandb
+
+    folder = tmp_path_factory.mktemp("wandb_main_test")
+    run_main(cli_args("test", lora_dpo_run.out, objective="dpo", base=lora_dpo_run.base, lora=True,
+                      logger=folder, extra=[f"--model.init_args.output_dir={folder / 'out'}",
+                                            f"--ckpt_path={lora_dpo_run.out / 'checkpoints' / 'last.ckpt'}"]))
+    wandb.finish()
+    wandb.teardown()
+    metrics = json.loads((folder / "out" / "metrics.json").read_text())
+    return read_run(run_file(folder)).summary, metrics
+
+
 def missing_keys(panels, logged: set[str]) -> dict[str, list[str]]:
     return {title: [k for k in keys if k not in logged] for _, title, keys in panels if set(keys) - logged}
 
@@ -52,6 +68,21 @@ def test_every_panel_reads_a_logged_key(lora_dpo_run, evaluation_keys):
     # The check can fail: the DPO curves under their former names, or a prefix nothing logged under.
     assert "DPO reward margin" in str(missing_keys(panels, logged - {"val/rewards/margins"}))
     assert "ROC: object" in str(missing_keys(panel_keys(build_workspace("e", "p", prefix="val")), logged))
+
+
+def test_every_panel_reads_a_key_of_a_real_test_run(lora_dpo_run, test_run_summary):
+    summary, metrics = test_run_summary
+    logged = set(read_run(run_file(lora_dpo_run.out / "wandb")).history) | set(summary)
+    panels = panel_keys(build_workspace("entity", "project"))
+    assert missing_keys(panels, logged) == {}
+    # As in the demo: the tiny base refuses no answerable item, so Permissiveness is undefined. Its key is in
+    # the summary all the same (null), with the zero denominator that says why.
+    assert metrics["alignment"]["permissiveness/denominator"] == 0
+    assert metrics["alignment"]["permissiveness"] is None
+    assert summary["test/alignment/permissiveness"] is None
+    assert summary["test/alignment/permissiveness/denominator"] == 0
+    without = logged - {"test/alignment/permissiveness"}
+    assert "test/alignment/permissiveness" in str(missing_keys(panels, without))
 
 
 def test_cli_dry_run_prints_panels_and_spec(capsys):

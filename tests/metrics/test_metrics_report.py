@@ -339,6 +339,16 @@ def test_combine_metrics_table():
     assert "answerable_accuracy" in combine_metrics_table(models)  # default columns
 
 
+def test_flat_metrics_leaves_out_or_keeps_undefined_scores():
+    metrics = {"after": {"answerable_accuracy": 0.5, "answerability_auroc": float("nan")},
+               "alignment": {"permissiveness": float("nan"), "permissiveness/denominator": 0}}
+    assert flat_metrics(metrics) == {"test/after/answerable_accuracy": 0.5,
+                                     "test/alignment/permissiveness/denominator": 0.0}
+    assert flat_metrics(metrics, "val", keep_undefined=True) == {
+        "val/after/answerable_accuracy": 0.5, "val/after/answerability_auroc": None,
+        "val/alignment/permissiveness": None, "val/alignment/permissiveness/denominator": 0.0}
+
+
 def test_log_to_wandb_offline(tmp_path, monkeypatch, paired_run):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

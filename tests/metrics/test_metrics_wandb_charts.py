@@ -92,7 +92,7 @@ def test_charts_and_tables_are_in_the_offline_run(tmp_path, offline, run):
     assert len(by_category["data"]) == 2 * len(CATEGORIES)
 
 
-def test_undefined_scores_are_none_with_a_zero_denominator_and_left_out_of_the_bars(run):
+def test_undefined_scores_are_none_with_a_zero_denominator_and_an_n_a_bar(run):
     rows, metrics = run
     silent = [{**r, AFTER: {**r[AFTER], "refused": False}} for r in rows]
     metrics = {**metrics, AFTER: {**metrics[AFTER], "unanswerable_precision": math.nan}}
@@ -104,7 +104,9 @@ def test_undefined_scores_are_none_with_a_zero_denominator_and_left_out_of_the_b
     assert better == "higher"
     assert rows_by_key[("over_refusal_rate", AFTER)][1] == "lower"
     bars = payload["test/scores/higher_is_better"].table.data
-    assert f"unanswerable_precision · {AFTER}" not in [label for label, _ in bars]
+    labels = {label: value for label, value in bars}
+    assert labels[f"unanswerable_precision · {AFTER}: n/a (0 refusals)"] == 0.0
+    assert f"unanswerable_precision · {AFTER}" not in labels, "an undefined score does not pass for a zero"
     assert [f"answerable_accuracy · {BEFORE}", metrics[BEFORE]["answerable_accuracy"]] in bars
 
 
@@ -118,3 +120,15 @@ def test_a_single_model_without_likelihoods_logs_no_roc(run):
     assert not any(key.startswith("val/roc/") for key in payload)
     assert {"val/scores_table", "val/tradeoff", "val/by_form"} <= set(payload)
     assert {row[2] for row in payload["val/scores_table"].data} == {AFTER}
+
+
+def test_a_category_without_items_gets_an_empty_roc_chart_titled_n_a(run):
+    """As on a small test set without relation questions: the chart's key is still logged, empty and n/a."""
+    rows, metrics = run
+    no_relations = [r for r in rows if r["answerable"] or r["category"] != "relation"]
+    payload = chart_payload(metrics, no_relations)
+    relation = payload["test/roc/relation"]
+    assert relation.table.data == []
+    assert relation.spec.string_fields["title"].endswith("(n/a: no such items)")
+    obj = payload["test/roc/object"]
+    assert obj.table.data and "n/a" not in obj.spec.string_fields["title"]
