@@ -407,6 +407,7 @@ class AnswerabilityDataModule(L.LightningDataModule):
         video_root: str | None = None,
         objective: Literal["sft", "dpo"] = "sft",
         unanswerable_fraction: float | None = None,
+        max_train_samples: int | None = None,
         predict_answerable: bool | None = None,
         rejected_predictions: str | None = None,
         rejected_predictions_for: Literal["all", "unanswerable", "answerable"] = "unanswerable",
@@ -431,6 +432,9 @@ class AnswerabilityDataModule(L.LightningDataModule):
             unanswerable_fraction: share of unanswerable records in the training mix (0 keeps answerable only,
                 None keeps the files' mix); the larger side is subsampled, deterministically for `seed`. For
                 DPO it is the share of the pairs kept: pairs whose rejected response is the gold one go first.
+            max_train_samples: train on a random subset of this many examples of the (mixed) training set,
+                the same for a given `seed` (as in Hugging Face's example scripts). An epoch then covers just
+                these, and so does DPO's reference pass, which `limit_train_batches` would not shorten.
             predict_answerable: for `predict`, keep only answerable (True) or unanswerable (False) records.
             rejected_predictions: a `predictions.jsonl` (id, response; a path as given, not inside data_dir)
                 whose responses are the rejected side of DPO pairs, for the records selected by
@@ -537,6 +541,15 @@ class AnswerabilityDataModule(L.LightningDataModule):
         path = str(self._path(name))
         return [Example(r, str(root / r.video), rejected.get(r.id), path) for r in records]
 
+    def _subset(self, examples: list[Example], size: int) -> list[Example]:
+        """A random subset of `size` examples, in the order they had (seeded; all when there are fewer)."""
+        if size < 1:
+            raise ValueError(f"max_train_samples must be at least 1, got {size}")
+        if size >= len(examples):
+            return examples
+        kept = sorted(random.Random(self.hparams.seed).sample(range(len(examples)), size))
+        return [examples[i] for i in kept]
+
     def _pack(self, examples: list[Example], turns: int) -> list[Example]:
         """Conversations of up to `turns` questions about one clip, in a seeded random order per clip."""
         by_clip: dict[str, list[Example]] = {}
@@ -604,6 +617,8 @@ class AnswerabilityDataModule(L.LightningDataModule):
             )
         if stage in ("fit", None) and h.train_file:
             examples = self._examples(h.train_file, "train_file", True, pairs, h.rejected_predictions)
+            if h.max_train_samples is not None:
+                examples = self._subset(examples, h.max_train_samples)
             if h.turns_per_example > 1:
                 examples = self._pack(examples, h.turns_per_example)
             self.datasets["train"] = ExampleDataset(examples, h.num_frames)

@@ -260,6 +260,28 @@ def test_pairs_without_preference_are_dropped_before_the_mix(processor, syntheti
     assert kept_answerable == len(examples) - kept_answerable  # the configured 0.5, not the files' share
 
 
+def test_max_train_samples_is_a_seeded_subset_of_the_mix(synthetic_data, processor):
+    """`max_train_samples` keeps a random subset of the mixed training set, the same for a seed, so that DPO's
+    reference pass covers just the trained pairs; validation keeps all its records."""
+    def train_ids(**kwargs):
+        module = AnswerabilityDataModule(data_dir=str(synthetic_data), num_frames=2, processor=processor,
+                                         unanswerable_fraction=0.4, **kwargs)
+        module.setup("fit")
+        return [e.record.id for e in module.datasets["train"].examples], len(module.datasets["val"])
+
+    everything, val_items = train_ids()
+    subset, subset_val_items = train_ids(max_train_samples=7)
+    assert len(subset) == 7 and len(set(subset)) == 7
+    assert set(subset) < set(everything)
+    assert subset == sorted(subset, key=everything.index), "kept in the mix's order"
+    assert train_ids(max_train_samples=7)[0] == subset
+    assert train_ids(max_train_samples=7, seed=1)[0] != subset
+    assert subset_val_items == val_items
+    assert train_ids(max_train_samples=10**6)[0] == everything
+    with pytest.raises(ValueError, match="max_train_samples must be at least 1"):
+        train_ids(max_train_samples=0)
+
+
 def test_training_order_depends_on_seed_and_epoch_only(synthetic_data, processor):
     """The shuffled order is a function of (seed, epoch), so a resumed run sees the batches of an
     uninterrupted one."""
