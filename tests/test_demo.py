@@ -25,6 +25,10 @@ def test_reduced_demo_chain(tmp_path):
     data = out / "data"
     common = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
     tiny = ["--data.init_args.data_dir", str(data)]
+
+    def logged(folder: Path) -> list[str]:  # the config's offline W&B logger, in the run's folder
+        return ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(folder)]
+
     _run("-m", "datamodules", "synth", "--out", str(data), "--num-videos", "120", "--seed", "0", cwd=ROOT)
     _run(
         "main.py",
@@ -78,7 +82,7 @@ def test_reduced_demo_chain(tmp_path):
         "test",
         "-c",
         "configs/shapes/sft.yaml",
-        *common,
+        *logged(sft),
         *tiny,
         "--trainer.default_root_dir",
         str(sft),
@@ -109,7 +113,7 @@ def test_reduced_demo_chain(tmp_path):
     )
     dpo = out / "dpo"
     dpo_settings = [
-        *common,
+        *logged(dpo),
         *tiny,
         "--trainer.default_root_dir",
         str(dpo),
@@ -130,3 +134,15 @@ def test_reduced_demo_chain(tmp_path):
     assert report["dpo"]["unanswerable_accuracy"] > report["before"]["unanswerable_accuracy"]
     for name in ("predictions.jsonl", "metrics.json", "report.md", "report.png"):
         assert (sft / name).exists() and (dpo / name).exists()
+
+    # The W&B dashboard reads only keys that these runs logged (DPO's fit; both tests).
+    sys.path.insert(0, str(ROOT / "tests" / "metrics"))
+    from wandb_records import read_run
+
+    from metrics.dashboard import build_workspace, panel_keys
+
+    runs = [read_run(f) for f in sorted(out.rglob("offline-run-*/run-*.wandb"))]
+    assert len(runs) == 3, "DPO's fit and the two tests"
+    keys = set().union(*(set(r.history) | set(r.summary) for r in runs))
+    panels = panel_keys(build_workspace("entity", "project"))
+    assert {title: k for _, title, k in panels if set(k) - keys} == {}
