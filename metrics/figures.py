@@ -325,7 +325,9 @@ def tradeoff_figure(evaluation: Evaluation):
     ax.annotate("ideal", (1.0, 1.0), xytext=(-8, -14), textcoords="offset points", ha="right", fontsize=9,
                 color="#9a7400")
     ax.text(0.0, 1.04, "refuses everything", fontsize=8, color="#777777", va="center")
-    ax.text(1.04, 0.0, "answers everything", fontsize=8, color="#777777", ha="right", va="bottom")
+    # Upright along the right edge, where no model's label (to the right of its point) reaches at x <= 1.
+    ax.text(1.065, 0.0, "answers everything", fontsize=8, color="#777777", rotation=90, ha="center",
+            va="bottom")
 
     if evaluation.before in drawn:
         start = drawn[evaluation.before]
