@@ -106,7 +106,11 @@ def chart_payload(
     keys = chart_keys(prefix)
     payload: dict[str, Any] = {}
 
-    scored = [m for m in evaluation.models if roc_curves(evaluation.rows.get(m) or []) is not None]
+    def has_likelihoods(model: str) -> bool:
+        items = evaluation.rows.get(model) or []
+        return bool(items) and all(r.get("refusal_likelihood") is not None for r in items)
+
+    scored = [m for m in evaluation.models if has_likelihoods(m)]
     for group in ROC_GROUPS:
         data = []
         for model in scored:
