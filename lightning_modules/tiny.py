@@ -205,9 +205,9 @@ def build_tiny_model(tokenizer, arch: TinyArchitecture, vision_tower: str | None
 def _project_to_words(model: nn.Module, tokenizer, tower_dir: Path) -> bool:
     """Start the projector as "tower concept -> word embedding", when the tower comes with its probe heads.
 
-    The vision pretraining stage saves linear heads that read each video-token cell's shape, colour, size
-    and motion (`cell_heads.safetensors`, class names in `cell_heads.json`). The projector's first layer
-    starts as those heads (one hidden unit per class), its second layer maps each class unit to the
+    The vision pretraining stage saves linear heads that read each video-token cell's shape, colour, size,
+    motion and contact (`cell_heads.safetensors`, class names in `cell_heads.json`). The projector's first
+    layer starts as those heads (one hidden unit per class), its second layer maps each class unit to the
     embedding of the class's word ("red", "circle", ...; none for "no object"). A video token then starts
     near the sum of its object's word embeddings, and with tied input/output embeddings the language model
     can answer by copying: the closed-form version of LLaVA's projector-alignment stage. The heads' centre

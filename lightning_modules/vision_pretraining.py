@@ -2,8 +2,8 @@
 
 The tower sees a frame exactly as the video-LLM will (same size, normalisation, last-layer patch features
 average-pooled to the video-token grid); linear heads read, for each pooled cell, the object that covers it
-(shape, colour, size, motion, exact centre) or that none does. At the end of `fit` the tower is
-saved for `VideoLLMConfig.vision_tower`.
+(shape, colour, size, motion, whether it touches another object, exact centre) or that none does. At the
+end of `fit` the tower is saved for `VideoLLMConfig.vision_tower`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class VisionPretraining(L.LightningModule):
     """Dense supervised pretraining of a `CLIPVisionModel`.
 
-    Each head (shape, colour, size, motion) has a class 0, "no object here". Its loss has two terms:
+    Each head (shape, colour, size, motion, contact) has a class 0, "no object here". Its loss has two terms:
     presence (class 0 against all other classes together) on every cell, and the attribute among the other
     classes on the cells that hold an object, so the few objects are not drowned by the many empty cells.
     An auxiliary head reads the shape under every patch before pooling (`patch_weight`): dense local
@@ -94,7 +94,7 @@ class VisionPretraining(L.LightningModule):
                 accuracies["false_object"] = ((predicted > 0) & empty).sum() / empty.sum().clamp_min(1)
             start += classes
         # The centre of the cell's object in frame coordinates scaled to [-1, 1], and 0 for empty cells.
-        centre = F.mse_loss(out[..., start : start + 2], labels[..., 4:6])
+        centre = F.mse_loss(out[..., start : start + 2], labels[..., len(LABELS) : len(LABELS) + 2])
         losses["centre"] = self.hparams.centre_weight * centre
         if self.hparams.patch_weight:
             patch_logits = self.patch_head(patches)

@@ -45,10 +45,9 @@ INSTRUCT = "instruct.jsonl"
 MANIFEST = "synth.json"
 # Bump when scenes, questions, rendering or the manifest change, so that an old folder is not silently mixed
 # in. Version 2 added the record files' settings (clip count, split fractions, described splits) and the
-# `complete` flag to the manifest; version 3 the base model's instruct.jsonl. Clips and train/val/test records
-# are those of version 1, so the builder updates a folder of an earlier version in place.
-GENERATOR_VERSION = 3
-UPDATABLE_VERSIONS = (1, 2)
+# `complete` flag to the manifest; version 3 the base model's instruct.jsonl; version 4 replaced the
+# positional relations (left of, above) with touching, so its clips and records differ from every earlier one.
+GENERATOR_VERSION = 4
 
 
 class SyntheticDatasetError(UserError, ValueError):
@@ -184,8 +183,8 @@ def check_synthetic_folder(folder: str | os.PathLike) -> dict[str, Any] | None:
     version = manifest.get("generator_version")
     if version != GENERATOR_VERSION:
         raise SyntheticDatasetError(
-            f"{folder} was built by synth generator version {version}, not {GENERATOR_VERSION}: rerun the "
-            "synth command it was built with to update it, or delete the folder to rebuild it"
+            f"{folder} was built by synth generator version {version}, not {GENERATOR_VERSION}: delete the "
+            "folder and rerun the synth command to rebuild it"
         )
     if not manifest.get("complete") or not isinstance(manifest.get("records"), dict):
         raise SyntheticDatasetError(
@@ -207,7 +206,7 @@ def _claim_folder(out_dir: Path, settings: dict[str, Any]) -> None:
             )
         return
     version = manifest.get("generator_version")
-    if version != GENERATOR_VERSION and version not in UPDATABLE_VERSIONS:
+    if version != GENERATOR_VERSION:
         raise SyntheticDatasetError(
             f"{out_dir} was built by synth generator version {version}, whose clips and records differ from "
             f"version {GENERATOR_VERSION}'s; use another --out folder or delete this one"

@@ -2,7 +2,8 @@
 
 Real video-LLMs start from a pretrained vision tower; the embedded tiny one gets its tower from this data:
 each frame is split into the grid of video tokens the video-LLM will see, and every cell is labelled with the
-object that covers it (shape, colour, size, motion) and that object's exact centre.
+object that covers it (shape, colour, size, motion, whether it touches another object) and that object's
+exact centre.
 """
 
 from __future__ import annotations
@@ -25,41 +26,58 @@ LABELS = {
     "colour": len(COLOURS) + 1,
     "size": len(SIZES) + 1,
     "motion": len(MOTIONS) + 1,
+    "contact": 3,
 }
-LABEL_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "motion": MOTIONS}
+LABEL_VALUES = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "size": SIZES,
+    "motion": MOTIONS,
+    "contact": ("touching", "apart"),  # "apart" is no word of the world's: the projector maps it to none
+}
+
+
+def object_labels(scene: Scene, i: int) -> list[int]:
+    """The class ids (1-based, as `LABELS` orders them) of object i of `scene`."""
+    obj = scene.objects[i]
+    touching = any(a == i for a, _, _ in scene.relations())
+    values = {name: getattr(obj, name) for name in ("shape", "colour", "size", "motion")}
+    values["contact"] = "touching" if touching else "apart"
+    return [LABEL_VALUES[name].index(values[name]) + 1 for name in LABELS]
 
 
 def _object_covers(scene: Scene, frame_index: int, grid: int):
-    """(object, its centre in pixels, the (grid, grid) share of each cell it covers) per object of a frame."""
+    """(object index, its centre in pixels, the (grid, grid) share of each cell it covers) per object of a
+    frame."""
     world = scene.world
     t = frame_index / max(world.frames - 1, 1)
     cell = world.size // grid
-    for obj in scene.objects:
+    for i, obj in enumerate(scene.objects):
         cx, cy = obj.position(t, world.travel)
         mask = shape_mask(obj.shape, cx, cy, world.radius[obj.size], world.size)
         cover = mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
-        yield obj, (cx, cy), cover
+        yield i, (cx, cy), cover
 
 
 def cell_labels(scene: Scene, frame_index: int, grid: int, min_cover: float = 0.2) -> np.ndarray:
-    """(grid, grid, 6) labels of one frame: 4 class ids, then the object's centre (x, y) in frame
-    coordinates scaled to [-1, 1] (-1: left / top edge, 1: right / bottom edge).
+    """(grid, grid, len(LABELS) + 2) labels of one frame: a class id per head of `LABELS`, then the object's
+    centre (x, y) in frame coordinates scaled to [-1, 1] (-1: left / top edge, 1: right / bottom edge).
 
     A cell belongs to the object that covers most of it, if that object covers at least `min_cover` of it
     (less is too little of a shape to tell what shape it is) or has its centre there (so a small star, which
     fills under a fifth of any cell, still has one); it gets all of that object's labels, so each video token
     describes one whole object or nothing. Cells that no object covers are class 0, centre 0.
     """
-    labels = np.zeros((grid, grid, 6), dtype=np.float32)
+    labels = np.zeros((grid, grid, len(LABELS) + 2), dtype=np.float32)
     best = np.zeros((grid, grid), dtype=np.float32)
     cell = scene.world.size // grid
-    for obj, (cx, cy), cover in _object_covers(scene, frame_index, grid):
+    for i, (cx, cy), cover in _object_covers(scene, frame_index, grid):
         centre = np.zeros((grid, grid), dtype=bool)
         centre[min(grid - 1, int(cy // cell)), min(grid - 1, int(cx // cell))] = True
         take = (cover > best) & ((cover >= min_cover) | centre)
         best = np.where(take, cover, best)
-        values = [LABEL_VALUES[name].index(getattr(obj, name)) + 1 for name in LABELS]
-        labels[take] = [*values, 2 * cx / scene.world.size - 1, 2 * cy / scene.world.size - 1]
+        centre_xy = [2 * cx / scene.world.size - 1, 2 * cy / scene.world.size - 1]
+        labels[take] = [*object_labels(scene, i), *centre_xy]
     return labels
 
 
@@ -71,10 +89,10 @@ def patch_shapes(scene: Scene, frame_index: int, grid: int, min_cover: float = 0
     """
     labels = np.zeros((grid, grid), dtype=np.int64)
     best = np.zeros((grid, grid), dtype=np.float32)
-    for obj, _, cover in _object_covers(scene, frame_index, grid):
+    for i, _, cover in _object_covers(scene, frame_index, grid):
         take = (cover > best) & (cover >= min_cover)
         best = np.where(take, cover, best)
-        labels[take] = SHAPES.index(obj.shape) + 1
+        labels[take] = SHAPES.index(scene.objects[i].shape) + 1
     return labels
 
 

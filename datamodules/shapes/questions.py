@@ -16,14 +16,14 @@ from typing import Any
 
 from datamodules.perturb import Perturbation
 from datamodules.records import REFUSAL_TEMPLATE
-from datamodules.shapes.world import COLOURS, MOTIONS, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene
+from datamodules.shapes.world import COLOURS, MOTIONS, RELATIONS, SHAPES, SIZES, Scene
 from datamodules.writers import TemplateWriter, WrittenQuestion
 
-RELATION_PHRASES = {
-    "left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"
-}
+RELATION_PHRASES = {"touching": "touching"}
 COUNT_WORDS = ("zero", "one", "two", "three")
-FORMS = ("colour", "shape", "size", "direction", "count", "where")
+# "touch" asks what an object touches: "What is the circle touching?" -> "square", or "nothing".
+FORMS = ("colour", "shape", "size", "direction", "count", "touch")
+NOTHING = "nothing"
 # The caption form: "What objects are in the video?" answered with every object and its attributes. Never
 # asked unanswerable; by default written for training clips only, as dense supervision (see
 # `scene_records`), so the evaluation splits hold the question forms above.
@@ -42,8 +42,6 @@ ABSENT_THINGS = ("dog", "cat", "bird", "car", "ball", "tree", "person", "hand")
 GENERAL_FORMS = {  # form -> the missing element its refusal names
     "sound": "sound", "speech": "speech", "camera": "camera operator",
 }
-WHERE_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
-_AXIS_PAIRS = {"left of": ("left of", "right of"), "above": ("above", "below")}
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class Ref:
     """A referring expression for one object of a synthetic scene: a shape with at most one qualifier.
 
     "the circle", "the red circle", "the small circle", "the circle moving left", "the still circle",
-    "the red object" (no shape), "the circle to the left of the square" (`relation` to the `other` shape).
+    "the red object" (no shape), "the circle touching the square" (`relation` to the `other` shape).
     """
 
     shape: str | None = None
@@ -100,7 +98,10 @@ class Ref:
 
     @property
     def predicate(self) -> str:
-        """The qualifier as said of the object: "red", "small", "moving up", "standing still"."""
+        """The qualifier as said of the object: "red", "small", "moving up", "standing still", "touching the
+        square"."""
+        if self.relation is not None:
+            return f"{RELATION_PHRASES[self.relation]} the {self.other}"
         if self.motion is not None:
             return motion_phrase(self.motion)
         qualifier = self.colour or self.size
@@ -114,17 +115,15 @@ class QuestionSpec:
     """What a synthetic question asks, before it is phrased.
 
     `form` is one of FORMS. `ref` is the object asked about (None only for "How many objects are
-    there?"); `ref2` the object a "where" question compares it with; `relation` the relation counted
-    (count) or the first relation of the asked axis, "left of" or "above" (where).
+    there?"); `relation` the relation counted ("How many objects are touching the circle?").
     """
 
     form: str
     ref: Ref | None = None
-    ref2: Ref | None = None
     relation: str | None = None
 
     def refs(self) -> tuple[Ref, ...]:
-        return tuple(r for r in (self.ref, self.ref2) if r is not None)
+        return () if self.ref is None else (self.ref,)
 
 
 @dataclass(frozen=True)
@@ -140,8 +139,8 @@ def answer_choices(spec: QuestionSpec) -> tuple[str, ...]:
     """Every answer of the type `spec` asks for (what a hallucinating model picks from)."""
     if spec.form == "count":
         return COUNT_WORDS[1:] if spec.ref is None else COUNT_WORDS[:3]
-    if spec.form == "where":
-        return tuple(WHERE_ANSWERS[r] for r in _AXIS_PAIRS[spec.relation or "left of"])
+    if spec.form == "touch":
+        return (*SHAPES, NOTHING)
     if spec.form == VERIFY:
         return VERIFY_ANSWERS
     return {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "direction": MOTIONS}[spec.form]
@@ -157,7 +156,7 @@ def form_fits(form: str, ref: Ref) -> bool:
         return ref.size is None
     if form == "direction":
         return ref.motion is None
-    if form == "where":
+    if form == "touch":
         return ref.relation is None
     return form == "count"
 
@@ -167,14 +166,8 @@ def _held(scene: Scene) -> frozenset[tuple[int, str, int]]:
     return frozenset(scene.relations())
 
 
-def _offset(scene: Scene, k: int, relation: str, i: int, t: float) -> float:
-    """How far object k lies in the direction of `relation` from object i at clip time t (pixels)."""
-    (kx, ky), (ix, iy) = (scene.objects[n].position(t, scene.world.travel) for n in (k, i))
-    return {"left of": ix - kx, "right of": kx - ix, "above": iy - ky, "below": ky - iy}[relation]
-
-
 def resolve_ref(scene: Scene, ref: Ref) -> list[int]:
-    """Indices of the scene's objects that `ref` truly describes (a relation must hold by the margin)."""
+    """Indices of the scene's objects that `ref` truly describes (a relation must hold in every frame)."""
     matches = [
         i
         for i, obj in enumerate(scene.objects)
@@ -193,8 +186,7 @@ def resolve_ref(scene: Scene, ref: Ref) -> list[int]:
 def true_answer(scene: Scene, spec: QuestionSpec) -> str | None:
     """The exact answer of `spec` for `scene`, or None when the question has no exact answer.
 
-    None means: a reference does not pick out exactly one object, a count would include a borderline
-    object, or the two objects of a "where" question are not clearly apart on the asked axis.
+    None means: a reference does not pick out exactly one object.
     """
     if spec.form == "count" and spec.ref is None:
         return COUNT_WORDS[len(scene.objects)]
@@ -213,30 +205,14 @@ def true_answer(scene: Scene, spec: QuestionSpec) -> str | None:
     if spec.form in ("colour", "shape", "size", "direction"):
         attributes = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "direction": obj.motion}
         return attributes[spec.form]
+    held = _held(scene)
     if spec.form == "count":
         assert spec.relation is not None
-        return _count_answer(scene, i, spec.relation)
-    held = _held(scene)
-    if spec.form == "where" and len(resolved) == 2:
-        j = resolved[1][0]
-        for relation in _AXIS_PAIRS[spec.relation or "left of"]:
-            if i != j and (i, relation, j) in held:
-                return WHERE_ANSWERS[relation]
+        return COUNT_WORDS[sum((k, spec.relation, i) in held for k in range(len(scene.objects)))]
+    if spec.form == "touch":
+        partners = [scene.objects[j].shape for a, _, j in sorted(held) if a == i]
+        return partners[0] if len(partners) == 1 else NOTHING if not partners else None
     return None
-
-
-def _count_answer(scene: Scene, i: int, relation: str) -> str | None:
-    """How many objects stand in `relation` to object i, or None when one of them is borderline."""
-    held = _held(scene)
-    count = 0
-    for k in range(len(scene.objects)):
-        if k == i:
-            continue
-        if (k, relation, i) in held:
-            count += 1
-        elif any(_offset(scene, k, relation, i, t) > 0 for t in (0.0, 1.0)):
-            return None  # partly in that direction but not by the margin: no exact count
-    return COUNT_WORDS[count]
 
 
 def is_false(scene: Scene, perturbation: Perturbation) -> bool:
@@ -244,7 +220,7 @@ def is_false(scene: Scene, perturbation: Perturbation) -> bool:
 
     object: its shape (or, for "the {colour} object", its colour) is absent from the scene;
     attribute: its shape is present but with another colour, size or motion;
-    relation: both shapes are present and the opposite relation holds (`Scene.contradicts`).
+    relation: both shapes are present and clearly do not touch (`Scene.contradicts`).
     In every case the reference must also resolve to no object at all.
     """
     ref = perturbation.slots.get("ref")
@@ -316,15 +292,20 @@ def perturb_attribute(scene: Scene, rng: random.Random) -> Perturbation:
 
 
 def perturb_relation(scene: Scene, rng: random.Random) -> Perturbation | None:
-    """A relation between two present objects whose opposite holds; None when no relation holds."""
-    held = sorted(_held(scene))
-    if not held:
+    """Two present objects said to touch that do not; None when no such pair exists (fewer than two
+    objects, or the clip's only two objects touch)."""
+    apart = [
+        (i, j)
+        for i in range(len(scene.objects))
+        for j in range(len(scene.objects))
+        if i != j and scene.contradicts(i, "touching", j)
+    ]
+    if not apart:
         return None
-    i, relation, j = rng.choice(held)
-    false_relation = OPPOSITE[relation]
+    i, j = rng.choice(apart)
     a, b = scene.objects[i].shape, scene.objects[j].shape
-    ref = Ref(shape=a, relation=false_relation, other=b)
-    true_fact, false_fact = f"the {a} is {relation} the {b}", f"the {a} is {false_relation} the {b}"
+    ref = Ref(shape=a, relation="touching", other=b)
+    true_fact, false_fact = f"the {a} is not touching the {b}", f"the {a} is touching the {b}"
     return Perturbation("relation", true_fact, false_fact, ref.element, {"ref": ref, "near": i})
 
 
@@ -354,23 +335,8 @@ def answerable_specs(scene: Scene, form: str) -> list[QuestionSpec]:
     refs = {i: true_refs(scene, i) for i in range(len(scene.objects))}
     if form == "count":
         specs = [QuestionSpec("count")]
-        for i in refs:
-            for relation in RELATIONS:
-                if _count_answer(scene, i, relation) is not None:
-                    specs += [QuestionSpec("count", ref, relation=relation) for ref in refs[i]]
-        return specs
-    if form == "where":
-        specs = []
-        for i, relation, j in sorted(_held(scene)):
-            if relation not in _AXIS_PAIRS:  # "right of"/"below" are the same pairs seen from the other side
-                continue
-            for a, b in ((i, j), (j, i)):
-                specs += [
-                    QuestionSpec("where", ra, rb, relation=relation)
-                    for ra in refs[a]
-                    for rb in refs[b]
-                    if form_fits("where", ra) and form_fits("where", rb)
-                ]
+        for relation in RELATIONS:
+            specs += [QuestionSpec("count", ref, relation=relation) for i in refs for ref in refs[i]]
         return specs
     return [QuestionSpec(form, ref) for i in refs for ref in refs[i] if form_fits(form, ref)]
 
@@ -380,22 +346,11 @@ def _spec_for_false_ref(
 ) -> QuestionSpec | None:
     """A question that presupposes the perturbation's false reference, in a randomly chosen fitting form."""
     ref: Ref = perturbation.slots["ref"]
-    near = perturbation.slots.get("near")
     forms = [form for form in FORMS if form_fits(form, ref)]
-    rng.shuffle(forms)
-    for form in forms:
-        if form == "count":
-            return QuestionSpec("count", ref, relation=rng.choice(RELATIONS))
-        if form != "where":
-            return QuestionSpec(form, ref)
-        # The other object of a "where" question is a present one, described truly.
-        others = [i for i in range(len(scene.objects)) if i != near]
-        partners = [r for i in others for r in true_refs(scene, i) if form_fits("where", r)]
-        if partners:
-            partner, axis = rng.choice(partners), rng.choice(tuple(_AXIS_PAIRS))
-            first, second = (ref, partner) if rng.random() < 0.5 else (partner, ref)
-            return QuestionSpec("where", first, second, relation=axis)
-    return None
+    if not forms:
+        return None
+    form = rng.choice(forms)
+    return QuestionSpec(form, ref, relation=rng.choice(RELATIONS) if form == "count" else None)
 
 
 def _hallucination(scene: Scene, spec: QuestionSpec, perturbation: Perturbation, rng: random.Random) -> str:
@@ -403,14 +358,8 @@ def _hallucination(scene: Scene, spec: QuestionSpec, perturbation: Perturbation,
     near = perturbation.slots.get("near")
     ref: Ref = perturbation.slots["ref"]
     if near is not None and ref.shape is not None:
-        plain = Ref(shape=ref.shape)
-        swapped = QuestionSpec(
-            spec.form,
-            plain if spec.ref == ref else spec.ref,
-            plain if spec.ref2 == ref else spec.ref2,
-            spec.relation,
-        )
-        answer = true_answer(scene, swapped)
+        plain = Ref(shape=ref.shape) if spec.ref == ref else spec.ref
+        answer = true_answer(scene, QuestionSpec(spec.form, plain, spec.relation))
         if answer is not None:
             return answer
     return rng.choice(answer_choices(spec))
@@ -464,6 +413,16 @@ def synthetic_items(
         twins = [c for c in candidates if any(r.kind == kind for r in c.refs())]
         if not pick(twins):
             pick(candidates)
+    # A relational reference must not give a refusal away: a clip with a touching pair is also asked one
+    # answerable question through one ("What colour is the circle touching the square?").
+    relational_asked = any(r.kind == "relational" for spec in chosen for r in spec.refs())
+    if len(chosen) < num_answerable and not relational_asked:
+        pick([
+            spec
+            for form in FORMS
+            for spec in cache.setdefault(form, answerable_specs(scene, form))
+            if any(r.kind == "relational" for r in spec.refs())
+        ])
     # "total" ("How many objects are there?") is a form of its own here so that it is asked regularly.
     forms = [*FORMS, "total"]
     rng.shuffle(forms)
@@ -488,8 +447,8 @@ def general_items(scene: Scene, rng: random.Random, num: int = 1) -> list[Pertur
     """Questions no clip of the world can answer, for reasons unrelated to what `scene` shows.
 
     Half ask about a thing the world never has, in a form and with a qualifier that the clip's own
-    questions use ("What colour is the dog?", "How many objects are below the small car?", "Is the star to
-    the left or to the right of the ball?"): category object. The other half ask about sound or speech
+    questions use ("What colour is the dog?", "How many objects are touching the small car?", "What is the
+    ball touching?"): category object. The other half ask about sound or speech
     ("What sound does the red star make?": category attribute) or about who films ("Who is holding the
     camera?": category object). Each refusal is `REFUSAL_TEMPLATE` naming the missing element, as the
     grounded refusals do. Slots: "spec", "ref" (the reference to the absent thing, or None), "near" None
@@ -498,7 +457,6 @@ def general_items(scene: Scene, rng: random.Random, num: int = 1) -> list[Pertur
     items = []
     for _ in range(num):
         obj = scene.objects[rng.randrange(len(scene.objects))]
-        present = Ref(shape=obj.shape)
         if rng.random() < 0.5:
             thing = rng.choice(ABSENT_THINGS)
             kind = rng.choice(("shape", "colour_shape", "size_shape", "motion_shape"))
@@ -509,15 +467,12 @@ def general_items(scene: Scene, rng: random.Random, num: int = 1) -> list[Pertur
                 motion=rng.choice(MOTIONS) if kind == "motion_shape" else None,
             )
             form = rng.choice([form for form in FORMS if form_fits(form, ref)])
-            if form == "where":
-                first, second = (ref, present) if rng.random() < 0.5 else (present, ref)
-                spec = QuestionSpec("where", first, second, relation=rng.choice(tuple(_AXIS_PAIRS)))
-            else:
-                spec = QuestionSpec(form, ref, relation=rng.choice(RELATIONS) if form == "count" else None)
+            spec = QuestionSpec(form, ref, relation=rng.choice(RELATIONS) if form == "count" else None)
             category, missing, false_fact = "object", ref.element, f"there is a {ref.element}"
         else:
             form = rng.choice(tuple(GENERAL_FORMS))
-            ref = None if form == "camera" else rng.choice([present, Ref(shape=obj.shape, colour=obj.colour)])
+            named = [Ref(shape=obj.shape), Ref(shape=obj.shape, colour=obj.colour)]
+            ref = None if form == "camera" else rng.choice(named)
             spec = QuestionSpec(form, ref)
             category = "object" if form == "camera" else "attribute"
             missing = GENERAL_FORMS[form]
@@ -534,11 +489,15 @@ def motion_phrase(motion: str) -> str:
 
 
 def describe_scene(scene: Scene) -> str:
-    """Every object of `scene` from left to right (by start position) with all its attributes:
-    "large red square moving up, small blue star standing still"."""
+    """Every object of `scene` from left to right (by start position) with all its attributes and what it
+    touches: "large red square moving up touching the star, small blue star moving up touching the square,
+    green circle standing still"."""
+    held = _held(scene)
     parts = []
-    for obj in sorted(scene.objects, key=lambda o: (o.x0, o.y0)):
-        parts.append(f"{obj.size} {obj.colour} {obj.shape} {motion_phrase(obj.motion)}")
+    for i in sorted(range(len(scene.objects)), key=lambda n: (scene.objects[n].x0, scene.objects[n].y0)):
+        obj = scene.objects[i]
+        touching = "".join(f" touching the {scene.objects[j].shape}" for a, _, j in sorted(held) if a == i)
+        parts.append(f"{obj.size} {obj.colour} {obj.shape} {motion_phrase(obj.motion)}{touching}")
     return ", ".join(parts)
 
 
@@ -554,17 +513,28 @@ def verify_items(scene: Scene, rng: random.Random, num: int = 2) -> list[Fact]:
 
     Up to `num` different objects, each with one attribute (colour, size or motion) drawn at random and
     stated truly or, with probability 1/2, as another value of the world, so "yes" and "no" are equally
-    likely. An object whose shape is not unique in the scene is not asked about.
+    likely; in a clip of two or more objects the attribute may instead be touching another present object
+    ("Is the star touching the square?"), the object it touches with probability 1/2 when it touches one.
+    An object whose shape is not unique in the scene is not asked about.
     """
     facts = []
+    held = _held(scene)
     for i in rng.sample(range(len(scene.objects)), min(num, len(scene.objects))):
         obj = scene.objects[i]
-        attribute = rng.choice(("colour", "size", "motion"))
-        value = getattr(obj, attribute)
-        if rng.random() < 0.5:
-            value = rng.choice([v for v in {"colour": COLOURS, "size": SIZES, "motion": MOTIONS}[attribute]
-                                if v != value])
-        spec = QuestionSpec(VERIFY, Ref(shape=obj.shape, **{attribute: value}))
+        others = [j for j in range(len(scene.objects)) if j != i]
+        attribute = rng.choice(("colour", "size", "motion", "touching")[: 4 if others else 3])
+        if attribute == "touching":
+            partners = [j for j in others if (i, "touching", j) in held]
+            apart = [j for j in others if j not in partners]
+            j = rng.choice(partners if partners and (not apart or rng.random() < 0.5) else apart)
+            ref = Ref(shape=obj.shape, relation="touching", other=scene.objects[j].shape)
+        else:
+            value = getattr(obj, attribute)
+            if rng.random() < 0.5:
+                values = {"colour": COLOURS, "size": SIZES, "motion": MOTIONS}[attribute]
+                value = rng.choice([v for v in values if v != value])
+            ref = Ref(shape=obj.shape, **{attribute: value})
+        spec = QuestionSpec(VERIFY, ref)
         answer = true_answer(scene, spec)
         if answer is not None:
             facts.append(Fact(_fact_text(spec, answer), answer, {"spec": spec}))
@@ -583,10 +553,8 @@ def _fact_text(spec: QuestionSpec, answer: str) -> str:
     if spec.form == "count":
         assert spec.relation is not None
         return f"{answer} objects are {RELATION_PHRASES[spec.relation]} {spec.ref.text}"
-    if spec.form == "where":
-        assert spec.ref2 is not None
-        phrase = {"left": "to the left of", "right": "to the right of"}.get(answer, answer)
-        return f"{spec.ref.text} is {phrase} {spec.ref2.text}"
+    if spec.form == "touch":
+        return f"{spec.ref.text} is touching {NOTHING if answer == NOTHING else 'the ' + answer}"
     if spec.form == "direction":
         return f"{spec.ref.text} stays still" if answer == "still" else f"{spec.ref.text} moves {answer}"
     return f"{spec.ref.text} is {answer}" if spec.form != "shape" else f"{spec.ref.text} is a {answer}"
@@ -608,11 +576,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "total": ("How many objects are there?", "How many objects are in the video?"),
     "describe": ("What objects are in the video?", "Describe the objects in the video."),
     "verify": ("Is the {shape} {predicate}?", "Is the {shape} in the video {predicate}?"),
-    "where_left of": (
-        "Is {ref} to the left or to the right of {ref2}?",
-        "Is {ref} on the left or on the right of {ref2}?",
-    ),
-    "where_above": ("Is {ref} above or below {ref2}?", "Is {ref} higher or lower than {ref2}?"),
+    "touch": ("What is {ref} touching?", "Which object is {ref} touching?"),
     "sound": ("What sound does {ref} make?", "What sound can be heard when {ref} moves?"),
     "speech": ("What does {ref} say?", "What words does {ref} say?"),
     "camera": ("Who is holding the camera?", "Who is filming the video?"),
@@ -628,8 +592,6 @@ def split_words(text: str) -> list[str]:
 def _template_key(spec: QuestionSpec) -> str:
     if spec.form == "count" and spec.ref is None:
         return "total"
-    if spec.form == "where":
-        return f"where_{spec.relation}"
     return spec.form
 
 
@@ -656,7 +618,6 @@ class ShapesWriter(TemplateWriter):
         template = random.Random(f"{self.seed}|{spec!r}").choice(templates)
         text = template.format(
             ref=spec.ref.text if spec.ref else "",
-            ref2=spec.ref2.text if spec.ref2 else "",
             relation=RELATION_PHRASES.get(spec.relation or "", ""),
             shape=spec.ref.shape if spec.ref else "",
             predicate=spec.ref.predicate if spec.form == VERIFY and spec.ref else "",
@@ -683,9 +644,9 @@ def template_vocabulary() -> list[str]:
     Lowercased, with "?", "." and "," as separate tokens, as `split_words` splits text.
     """
     texts = [REFUSAL_TEMPLATE.format(missing="")]
-    texts += [t.format(ref="", ref2="", relation="", shape="", predicate="")
+    texts += [t.format(ref="", relation="", shape="", predicate="")
               for group in TEMPLATES.values() for t in group]
-    texts += [*SHAPES, *COLOURS, *SIZES, *MOTIONS, *COUNT_WORDS, *WHERE_ANSWERS.values(), *VERIFY_ANSWERS]
+    texts += [*SHAPES, *COLOURS, *SIZES, *MOTIONS, *COUNT_WORDS, NOTHING, *VERIFY_ANSWERS]
     texts += [*RELATION_PHRASES.values(), "the object moving still", "moving standing still ,"]
     texts += [*ABSENT_THINGS, *GENERAL_FORMS.values()]
     return sorted({word for text in texts for word in split_words(text)})

@@ -28,8 +28,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SIZES = ("small", "large")
 MOTIONS = ("left", "right", "up", "down", "still")
-RELATIONS = ("left of", "right of", "above", "below")
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# The relation between two objects: an interaction seen on the objects themselves, as MOMA-LRG's relations
+# (holding, touching, next to) are, rather than a comparison of coordinates. Two objects touch when their
+# shapes meet in every frame; every other pair stays clearly apart (see `Scene.touching`).
+RELATIONS = ("touching",)
 BACKGROUND = (60, 60, 60)
 
 _VELOCITY = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
@@ -44,6 +46,9 @@ class WorldConfig:
     size: int = 64
     min_objects: int = 1
     max_objects: int = 3
+    # The chance that a clip with two or more objects has a pair that touches. At 0.6 the answerable questions
+    # that name an object by what it touches are about as many as the unanswerable ones that do.
+    contact: float = 0.6
 
     @property
     def radius(self) -> dict[str, float]:
@@ -55,9 +60,16 @@ class WorldConfig:
         return self.size * 0.25
 
     @property
-    def margin(self) -> float:
-        """The smallest centre offset for which a spatial relation is said to hold."""
-        return self.size * 0.12
+    def gap(self) -> float:
+        """The least distance between the circumcircles of two objects that do not touch: enough background
+        between them to tell them from a touching pair at the video tokens' resolution."""
+        return self.size * 0.08
+
+    @property
+    def press(self) -> float:
+        """How much closer than where their shapes first meet a touching pair is placed, so that the two
+        visibly overlap rather than share a pixel."""
+        return self.size * 0.025
 
 
 @dataclass(frozen=True)
@@ -87,33 +99,20 @@ class Scene:
     world: WorldConfig
 
     def relations(self) -> list[tuple[int, str, int]]:
-        """(i, relation, j) for every ordered pair whose relation holds by a margin in every frame."""
-        held = []
-        for i, a in enumerate(self.objects):
-            for j, b in enumerate(self.objects):
-                if i == j:
-                    continue
-                for relation in RELATIONS:
-                    if all(self._holds(a, relation, b, t) for t in (0.0, 1.0)):
-                        held.append((i, relation, j))
-        return held
-
-    def _holds(self, a: SceneObject, relation: str, b: SceneObject, t: float) -> bool:
-        (ax, ay), (bx, by) = a.position(t, self.world.travel), b.position(t, self.world.travel)
-        m = self.world.margin
-        return {
-            "left of": bx - ax > m,
-            "right of": ax - bx > m,
-            "above": by - ay > m,
-            "below": ay - by > m,
-        }[relation]
+        """(i, "touching", j) for every ordered pair of objects whose shapes meet in every frame."""
+        return [(i, "touching", j) for i, j in _contacts(self)]
 
     def holds(self, i: int, relation: str, j: int) -> bool:
         return (i, relation, j) in self.relations()
 
     def contradicts(self, i: int, relation: str, j: int) -> bool:
-        """True when the opposite relation holds, so `relation` is clearly false (not just borderline)."""
-        return (i, OPPOSITE[relation], j) in self.relations()
+        """True when `relation` clearly does not hold: the two objects are apart by the world's gap in every
+        frame (not just borderline)."""
+        if relation != "touching" or i == j:
+            raise ValueError(f"unknown relation {relation!r} between objects {i} and {j}")
+        a, b = self.objects[i], self.objects[j]
+        reach = self.world.radius[a.size] + self.world.radius[b.size] + self.world.gap
+        return all(_distance(a, b, t, self.world.travel) >= reach for t in _times(self.world))
 
     def describe(self) -> str:
         """The exact scene description in plain English."""
@@ -122,8 +121,9 @@ class Scene:
             verb = "stays still" if obj.motion == "still" else f"moves {obj.motion}"
             sentences.append(f"A {obj.size} {obj.colour} {obj.shape} {verb}.")
         for i, relation, j in self.relations():
-            a, b = self.objects[i], self.objects[j]
-            sentences.append(f"The {a.name()} is {relation} the {b.name()}.")
+            if i < j:
+                a, b = self.objects[i], self.objects[j]
+                sentences.append(f"The {a.name()} is {relation} the {b.name()}.")
         return " ".join(sentences)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +156,42 @@ class Scene:
                     frame[mask] = (1 - alpha) * frame[mask] + alpha * colour
             frame[shape_mask(obj.shape, cx, cy, radius, world.size)] = colour
         return frame.round().astype(np.uint8)
+
+
+def _times(world: WorldConfig) -> list[float]:
+    return [k / max(world.frames - 1, 1) for k in range(world.frames)]
+
+
+def _distance(a: SceneObject, b: SceneObject, t: float, travel: float) -> float:
+    (ax, ay), (bx, by) = a.position(t, travel), b.position(t, travel)
+    return math.hypot(ax - bx, ay - by)
+
+
+def shapes_meet(scene: Scene, i: int, j: int, t: float) -> bool:
+    """Whether the rendered shapes of objects i and j overlap or share an edge (4-neighbour) at time t."""
+    world = scene.world
+    masks = []
+    for obj in (scene.objects[i], scene.objects[j]):
+        cx, cy = obj.position(t, world.travel)
+        masks.append(shape_mask(obj.shape, cx, cy, world.radius[obj.size], world.size))
+    a, b = masks
+    grown = a.copy()
+    grown[1:] |= a[:-1]
+    grown[:-1] |= a[1:]
+    grown[:, 1:] |= a[:, :-1]
+    grown[:, :-1] |= a[:, 1:]
+    return bool((grown & b).any())
+
+
+@lru_cache(maxsize=4096)
+def _contacts(scene: Scene) -> tuple[tuple[int, int], ...]:
+    """Ordered pairs (i, j) of objects whose shapes meet in every frame of the clip."""
+    pairs = []
+    for i in range(len(scene.objects)):
+        for j in range(len(scene.objects)):
+            if i != j and all(shapes_meet(scene, i, j, t) for t in _times(scene.world)):
+                pairs.append((i, j))
+    return tuple(pairs)
 
 
 _SUBPIXEL = 16  # shape centres are rounded to 1/16 pixel, so masks can be cached and reused
@@ -217,39 +253,80 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> np
 
 # --------------------------------------------------------------------------------------------- sampling
 def sample_scene(rng: random.Random, world: WorldConfig = WorldConfig(), attempts: int = 1000) -> Scene:
-    """A random scene with distinct shapes and colours, objects inside the frame and never overlapping."""
+    """A random scene with distinct shapes and colours and objects inside the frame.
+
+    With probability `world.contact` a clip of two or more objects has one pair that touches: the second
+    object moves with the first, placed in a random direction at the distance where their shapes meet. Every
+    other pair stays apart by at least `world.gap` beyond their circumcircles in every frame, so whether two
+    objects touch is never borderline.
+    """
     count = rng.randint(world.min_objects, world.max_objects)
+    contact = count >= 2 and rng.random() < world.contact
     for _ in range(attempts):
         shapes = rng.sample(SHAPES, count)
         colours = rng.sample(list(COLOURS), count)
-        objects = []
-        for shape, colour in zip(shapes, colours, strict=True):
+        objects: list[SceneObject] = []
+        for n, (shape, colour) in enumerate(zip(shapes, colours, strict=True)):
             size, motion = rng.choice(SIZES), rng.choice(MOTIONS)
-            radius = world.radius[size]
-            dx, dy = _VELOCITY[motion]
-            # Choose the start so that the whole path stays inside the frame.
-            lo_x = radius + 1 + max(0.0, -dx * world.travel)
-            hi_x = world.size - radius - 1 - max(0.0, dx * world.travel)
-            lo_y = radius + 1 + max(0.0, -dy * world.travel)
-            hi_y = world.size - radius - 1 - max(0.0, dy * world.travel)
+            if contact and n == 1:
+                objects.append(_touching(objects[0], shape, colour, size, world, rng))
+                continue
+            lo_x, hi_x, lo_y, hi_y = _start_box(world, size, motion)
             x0, y0 = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
             objects.append(SceneObject(shape, colour, size, motion, x0, y0))
         scene = Scene(tuple(objects), world)
-        if _separated(scene):
+        if _valid(scene, contact):
             return scene
     raise RuntimeError(f"could not place {count} objects in a {world.size}px frame after {attempts} attempts")
 
 
-def _separated(scene: Scene) -> bool:
+def _start_box(world: WorldConfig, size: str, motion: str) -> tuple[float, float, float, float]:
+    """(lo_x, hi_x, lo_y, hi_y): the starts from which an object's whole path stays inside the frame."""
+    radius = world.radius[size]
+    dx, dy = _VELOCITY[motion]
+    return (
+        radius + 1 + max(0.0, -dx * world.travel),
+        world.size - radius - 1 - max(0.0, dx * world.travel),
+        radius + 1 + max(0.0, -dy * world.travel),
+        world.size - radius - 1 - max(0.0, dy * world.travel),
+    )
+
+
+def _touching(
+    anchor: SceneObject, shape: str, colour: str, size: str, world: WorldConfig, rng: random.Random
+) -> SceneObject:
+    """An object that moves with `anchor`, placed in a random direction `world.press` closer than where its
+    shape first meets the anchor's (found by stepping in from the circumcircles' distance)."""
+    angle = rng.uniform(0.0, 2 * math.pi)
+    distance = world.radius[anchor.size] + world.radius[size]
+    while distance > 0:
+        candidate = SceneObject(
+            shape, colour, size, anchor.motion,
+            anchor.x0 + distance * math.cos(angle), anchor.y0 + distance * math.sin(angle),
+        )
+        if shapes_meet(Scene((anchor, candidate), world), 0, 1, 0.0):
+            distance -= world.press
+            x0, y0 = anchor.x0 + distance * math.cos(angle), anchor.y0 + distance * math.sin(angle)
+            return SceneObject(shape, colour, size, anchor.motion, x0, y0)
+        distance -= 0.25
+    return candidate
+
+
+def _valid(scene: Scene, contact: bool) -> bool:
+    """Every object inside the frame; objects 0 and 1 touch in every frame when `contact`; every other
+    pair clearly apart."""
     world = scene.world
-    for i, a in enumerate(scene.objects):
-        for b in scene.objects[i + 1:]:
-            gap = world.radius[a.size] + world.radius[b.size] + 2
-            for k in range(world.frames):
-                t = k / max(world.frames - 1, 1)
-                (ax, ay), (bx, by) = a.position(t, world.travel), b.position(t, world.travel)
-                if math.hypot(ax - bx, ay - by) < gap:
+    for obj in scene.objects:
+        lo_x, hi_x, lo_y, hi_y = _start_box(world, obj.size, obj.motion)
+        if not (lo_x <= obj.x0 <= hi_x and lo_y <= obj.y0 <= hi_y):
+            return False
+    for i in range(len(scene.objects)):
+        for j in range(i + 1, len(scene.objects)):
+            if contact and (i, j) == (0, 1):
+                if not all(shapes_meet(scene, 0, 1, t) for t in _times(world)):
                     return False
+            elif not scene.contradicts(i, "touching", j):
+                return False
     return True
 
 

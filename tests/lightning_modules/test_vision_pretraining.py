@@ -43,9 +43,10 @@ def pretrained_tower(tmp_path_factory, synthetic_data, run_main):
 
 def batch(module: VisionPretraining, n: int = 3):
     grid = module.arch.image_size // module.arch.patch_size // 2
-    labels = torch.zeros(n, grid, grid, 6)
-    labels[:, 0, 0, :4] = torch.tensor([1.0, 2.0, 1.0, 3.0])  # a circle of colour 2, size 1, motion 3
-    labels[:, 0, 0, 4:] = torch.tensor([-0.75, -0.75])
+    labels = torch.zeros(n, grid, grid, len(LABELS) + 2)
+    # a circle of colour 2, size 1, motion 3, touching another object
+    labels[:, 0, 0, : len(LABELS)] = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0])
+    labels[:, 0, 0, len(LABELS) :] = torch.tensor([-0.75, -0.75])
     patches = torch.zeros(n, 2 * grid, 2 * grid, dtype=torch.long)
     patches[:, :2, :2] = 1
     return torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8), labels, patches
@@ -88,8 +89,11 @@ def test_the_pretrained_tower_starts_the_projector_as_concept_to_word(pretrained
     projector, words = model.model.multi_modal_projector, processor.tokenizer.get_vocab()
     embeddings = model.get_input_embeddings().weight
     classes = info["classes"]
-    red = classes.index("red")
-    assert torch.allclose(projector.linear_2.weight[:, red], embeddings[words["red"]] / info["typical_logit"])
+    to_word = projector.linear_2.weight
+    for word in ("red", "touching"):
+        scaled = embeddings[words[word]] / info["typical_logit"]
+        assert torch.allclose(to_word[:, classes.index(word)], scaled)
+    assert "apart" not in words and not to_word[:, classes.index("apart")].any(), "no word: no direction"
     assert projector.linear_2.weight[:, classes.index("")].abs().sum() == 0, "no object maps to no word"
     # The axis units move a token along "left" -> "right" in proportion to the centre offset.
     features = torch.randn(7, ARCH["vision_hidden"])

@@ -21,9 +21,12 @@ def test_a_covered_cell_gets_every_label_of_its_object_and_its_centre():
     # A large still red square centred in the middle of cell (row 1, column 2) of the 4 x 4 token grid.
     square = SceneObject("square", "red", "large", "still", 40.0, 24.0)
     labels = cell_labels(scene(square), 0, grid=4)
-    expected = [LABEL_VALUES[name].index(getattr(square, name)) + 1 for name in LABELS]
-    assert labels[1, 2, :4].tolist() == expected
-    assert labels[1, 2, 4:].tolist() == pytest.approx([2 * 40 / 64 - 1, 2 * 24 / 64 - 1])
+    n = len(LABELS)
+    attributes = ("shape", "colour", "size", "motion")
+    expected = [LABEL_VALUES[name].index(getattr(square, name)) + 1 for name in attributes]
+    assert labels.shape == (4, 4, n + 2) and list(LABELS)[4] == "contact"
+    assert labels[1, 2, :n].tolist() == [*expected, LABEL_VALUES["contact"].index("apart") + 1]
+    assert labels[1, 2, n:].tolist() == pytest.approx([2 * 40 / 64 - 1, 2 * 24 / 64 - 1])
     covered = labels[..., 0] > 0
     assert covered.sum() == 1, "the square (16 px wide) fills exactly the one cell it is centred in"
     assert (labels[~covered] == 0).all(), "cells without an object carry no class and no position"
@@ -52,7 +55,21 @@ def test_each_cell_takes_the_object_that_covers_most_of_it_and_moving_objects_ar
     assert first[3, 3, 0] == LABEL_VALUES["shape"].index("star") + 1
     assert first[0, 0, 3] == LABEL_VALUES["motion"].index("right") + 1
     moved = 2 * (12.0 + WORLD.travel) / 64 - 1
-    assert last[..., 4][last[..., 0] == first[0, 0, 0]].max() == pytest.approx(moved)
+    assert last[..., len(LABELS)][last[..., 0] == first[0, 0, 0]].max() == pytest.approx(moved)
+
+
+def test_the_cells_of_two_touching_objects_say_touching_and_the_others_apart():
+    circle, square = SceneObject("circle", "red", "large", "up", 20.0, 40.0), SceneObject(
+        "square", "blue", "large", "up", 38.0, 40.0
+    )
+    star = SceneObject("star", "white", "small", "still", 52.0, 10.0)
+    labels = cell_labels(scene(circle, square, star), 0, grid=4)
+    contact, shape = labels[..., list(LABELS).index("contact")], labels[..., 0]
+    touching, apart = (LABEL_VALUES["contact"].index(v) + 1 for v in ("touching", "apart"))
+    for name in ("circle", "square"):
+        assert (contact[shape == LABEL_VALUES["shape"].index(name) + 1] == touching).all()
+    assert (contact[shape == LABEL_VALUES["shape"].index("star") + 1] == apart).all()
+    assert (contact[shape == 0] == 0).all()
 
 
 def test_patch_shapes_label_the_finer_patch_grid():
@@ -69,7 +86,7 @@ def test_the_datamodule_decodes_real_clips_with_both_label_grids(synthetic_data)
     data.setup("fit")
     pixels, labels, patches = next(iter(data.train_dataloader()))
     assert pixels.dtype.is_floating_point is False and pixels.shape == (4, 3, 64, 64)
-    assert labels.shape == (4, 4, 4, 6) and patches.shape == (4, 8, 8)
+    assert labels.shape == (4, 4, 4, len(LABELS) + 2) and patches.shape == (4, 8, 8)
     assert (labels[..., 0] > 0).any(), "the rendered clips have objects"
     rows = [json.loads(line) for line in (synthetic_data / "scenes.jsonl").open()]
     assert len(data.tensors["val"]) == 2 * sum(row["split"] == "val" for row in rows)

@@ -43,12 +43,13 @@ WORLD = WorldConfig()
 
 
 def known_scene() -> Scene:
-    """A small red circle left of and above a large blue square moving down; a green star far below."""
+    """A small red circle touching a large blue square, both moving down; a small green star moving right, far
+    from both."""
     return Scene(
         (
-            SceneObject("circle", "red", "small", "still", 10, 10),
-            SceneObject("square", "blue", "large", "down", 50, 12),
-            SceneObject("star", "green", "small", "left", 40, 58),
+            SceneObject("circle", "red", "small", "down", 20, 20),
+            SceneObject("square", "blue", "large", "down", 33, 20),
+            SceneObject("star", "green", "small", "right", 36, 56),
         ),
         WORLD,
     )
@@ -66,8 +67,7 @@ def test_ref_phrases_and_kinds():
         (Ref("circle", motion="up"), "circle moving up", "motion_shape"),
         (Ref("circle", motion="still"), "still circle", "motion_shape"),
         (Ref(colour="green"), "green object", "colour_object"),
-        (Ref("circle", relation="left of", other="square"), "circle to the left of the square", "relational"),
-        (Ref("star", relation="below", other="circle"), "star below the circle", "relational"),
+        (Ref("circle", relation="touching", other="square"), "circle touching the square", "relational"),
     ]
     for ref, element, kind in cases:
         assert (ref.element, ref.text, ref.kind) == (element, "the " + element, kind)
@@ -77,7 +77,7 @@ def test_ref_phrases_and_kinds():
     "bad",
     [
         dict(shape="circle", colour="red", size="small"),
-        dict(shape="circle", relation="left of"),
+        dict(shape="circle", relation="touching"),
         dict(shape=None, colour=None),
         dict(shape=None, size="small"),
     ],
@@ -94,12 +94,15 @@ def test_resolve_ref_on_a_known_scene():
     assert resolve_ref(scene, Ref("square", colour="red")) == []
     assert resolve_ref(scene, Ref(colour="green")) == [2]
     assert resolve_ref(scene, Ref(colour="white")) == []
-    assert resolve_ref(scene, Ref("star", motion="left")) == [2]
-    assert resolve_ref(scene, Ref("circle", motion="still")) == [0]
+    assert resolve_ref(scene, Ref("star", motion="right")) == [2]
+    assert resolve_ref(scene, Ref("circle", motion="down")) == [0]
+    assert resolve_ref(scene, Ref("circle", motion="still")) == []
     assert resolve_ref(scene, Ref("triangle")) == []
-    assert resolve_ref(scene, Ref("circle", relation="left of", other="square")) == [0]
-    assert resolve_ref(scene, Ref("circle", relation="right of", other="square")) == []
-    assert resolve_ref(scene, Ref("circle", relation="above", other="star")) == [0]
+    assert scene.relations() == [(0, "touching", 1), (1, "touching", 0)]
+    assert resolve_ref(scene, Ref("circle", relation="touching", other="square")) == [0]
+    assert resolve_ref(scene, Ref("square", relation="touching", other="circle")) == [1]
+    assert resolve_ref(scene, Ref("circle", relation="touching", other="star")) == []
+    assert resolve_ref(scene, Ref("star", relation="touching", other="square")) == []
 
 
 def test_true_answers_on_a_known_scene():
@@ -108,20 +111,16 @@ def test_true_answers_on_a_known_scene():
     assert true_answer(scene, QuestionSpec("shape", Ref(colour="green"))) == "star"
     assert true_answer(scene, QuestionSpec("size", Ref("circle"))) == "small"
     assert true_answer(scene, QuestionSpec("direction", Ref("square"))) == "down"
-    assert true_answer(scene, QuestionSpec("direction", Ref("circle"))) == "still"
+    assert true_answer(scene, QuestionSpec("direction", Ref("star"))) == "right"
     assert true_answer(scene, QuestionSpec("count")) == "three"
-    assert true_answer(scene, QuestionSpec("count", Ref("star"), relation="above")) == "two"
-    assert true_answer(scene, QuestionSpec("count", Ref("circle"), relation="right of")) == "two"
-    assert true_answer(scene, QuestionSpec("count", Ref("star"), relation="below")) == "zero"
-    assert true_answer(scene, QuestionSpec("count", Ref("circle"), relation="left of")) == "zero"
-    assert true_answer(scene, QuestionSpec("where", Ref("circle"), Ref("square"), "left of")) == "left"
-    assert true_answer(scene, QuestionSpec("where", Ref("square"), Ref("circle"), "left of")) == "right"
-    assert true_answer(scene, QuestionSpec("where", Ref("star"), Ref("circle"), "above")) == "below"
-    # The circle and the square are 2 px apart vertically: neither above nor below.
-    assert true_answer(scene, QuestionSpec("where", Ref("circle"), Ref("square"), "above")) is None
-    # Counting would include an object only slightly past the other (by less than the margin): no exact count.
-    assert true_answer(scene, QuestionSpec("count", Ref("square"), relation="above")) is None
-    assert true_answer(scene, QuestionSpec("count", Ref("circle"), relation="below")) is None
+    assert true_answer(scene, QuestionSpec("count", Ref("circle"), relation="touching")) == "one"
+    assert true_answer(scene, QuestionSpec("count", Ref(colour="green"), relation="touching")) == "zero"
+    assert true_answer(scene, QuestionSpec("touch", Ref("circle"))) == "square"
+    assert true_answer(scene, QuestionSpec("touch", Ref("square", size="large"))) == "circle"
+    assert true_answer(scene, QuestionSpec("touch", Ref("star"))) == "nothing"
+    touching_square, touching_star = (Ref("circle", relation="touching", other=o) for o in ("square", "star"))
+    assert true_answer(scene, QuestionSpec("colour", touching_square)) == "red"
+    assert true_answer(scene, QuestionSpec("colour", touching_star)) is None
     assert true_answer(scene, QuestionSpec("colour", Ref("triangle"))) is None
 
 
@@ -143,16 +142,20 @@ def test_is_false_checks_each_category_explicitly():
     assert is_false(scene, perturbation("attribute", Ref("circle", size="large")))
     assert is_false(scene, perturbation("attribute", Ref("square", motion="still")))
     assert is_false(scene, perturbation("attribute", Ref("circle", motion="up")))
+    assert not is_false(scene, perturbation("attribute", Ref("circle", motion="down")))
     assert not is_false(scene, perturbation("attribute", Ref("circle", colour="red")))
     assert not is_false(scene, perturbation("attribute", Ref("square", motion="down")))
     assert not is_false(scene, perturbation("attribute", Ref("triangle", colour="red")))  # absent: object
-    # relation: both present and the opposite relation holds.
-    assert is_false(scene, perturbation("relation", Ref("circle", relation="right of", other="square")))
-    assert is_false(scene, perturbation("relation", Ref("star", relation="above", other="circle")))
-    assert not is_false(scene, perturbation("relation", Ref("circle", relation="left of", other="square")))
-    # Borderline (2 px apart vertically): not clearly false, so not a valid perturbation.
-    assert not is_false(scene, perturbation("relation", Ref("circle", relation="below", other="square")))
-    assert not is_false(scene, perturbation("relation", Ref("circle", relation="left of", other="triangle")))
+    # relation: both present and clearly apart.
+    assert is_false(scene, perturbation("relation", Ref("circle", relation="touching", other="star")))
+    assert is_false(scene, perturbation("relation", Ref("star", relation="touching", other="square")))
+    assert not is_false(scene, perturbation("relation", Ref("circle", relation="touching", other="square")))
+    assert not is_false(scene, perturbation("relation", Ref("circle", relation="touching", other="triangle")))
+    # Borderline (1 px beyond their circumcircles, under the world's gap of 5 px): not clearly false.
+    near = Scene((SceneObject("circle", "red", "small", "still", 20, 20),
+                  SceneObject("square", "blue", "small", "still", 20 + 2 * 6.4 + 1, 20)), WORLD)
+    assert not near.relations()
+    assert not is_false(near, perturbation("relation", Ref("circle", relation="touching", other="square")))
     assert not is_false(scene, Perturbation("object", "t", "f", "x"))  # no reference at all
 
 
@@ -162,14 +165,15 @@ def test_perturbers_always_produce_false_facts():
         rng = random.Random(index)
         for maker in (perturb_object, perturb_attribute, perturb_relation):
             result = maker(scene, rng)
-            if result is None:
-                assert maker is perturb_relation and not scene.relations()
+            if result is None:  # no two objects that do not touch
+                assert maker is perturb_relation
+                assert len(scene.objects) == 1 or (len(scene.objects) == 2 and scene.relations())
                 continue
             made[result.category] += 1
             assert is_false(scene, result), result
             assert result.missing_element == result.slots["ref"].element
             assert result.true_fact != result.false_fact
-    assert made["object"] == made["attribute"] == 400 and made["relation"] > 200
+    assert made["object"] == made["attribute"] == 400 and made["relation"] > 150
 
 
 def all_items(count: int = 300) -> list[tuple[Scene, Fact | Perturbation]]:
@@ -277,7 +281,10 @@ def test_answerable_specs_cover_the_forms():
         specs = answerable_specs(scene, form)
         assert specs and all(true_answer(scene, s) is not None for s in specs)
     assert QuestionSpec("count") in answerable_specs(scene, "count")
-    assert not answerable_specs(Scene((known_scene().objects[0],), WORLD), "where")
+    alone = Scene((known_scene().objects[2],), WORLD)
+    assert {true_answer(alone, spec) for spec in answerable_specs(alone, "touch")} == {"nothing"}
+    assert not any(ref.kind == "relational" for form in FORMS for spec in answerable_specs(alone, form)
+                   for ref in spec.refs())
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -313,16 +320,15 @@ def test_template_writer_examples():
     phrasings = {
         QuestionSpec("colour", Ref("circle", size="small")): {
             "What colour is the small circle?", "What is the colour of the small circle?"},
-        QuestionSpec("count", Ref("star"), relation="left of"): {
-            "How many objects are to the left of the star?",
-            "How many objects can be seen to the left of the star?"},
+        QuestionSpec("count", Ref("star"), relation="touching"): {
+            "How many objects are touching the star?",
+            "How many objects can be seen touching the star?"},
         QuestionSpec("count"): {"How many objects are there?", "How many objects are in the video?"},
-        QuestionSpec("where", Ref("circle"), Ref(colour="red"), "left of"): {
-            "Is the circle to the left or to the right of the red object?",
-            "Is the circle on the left or on the right of the red object?"},
-        QuestionSpec("direction", Ref("square", relation="above", other="star")): {
-            "Which direction is the square above the star moving?",
-            "In which direction is the square above the star moving?"},
+        QuestionSpec("touch", Ref(colour="red")): {
+            "What is the red object touching?", "Which object is the red object touching?"},
+        QuestionSpec("direction", Ref("square", relation="touching", other="star")): {
+            "Which direction is the square touching the star moving?",
+            "In which direction is the square touching the star moving?"},
     }
     for spec, allowed in phrasings.items():
         seen = {ShapesWriter(seed).question(spec) for seed in range(40)}
@@ -335,9 +341,9 @@ def test_template_writer_returns_none_for_items_it_cannot_phrase():
 
 
 def test_unwarranted_refusal_names_the_reference():
-    spec = QuestionSpec("colour", Ref("circle", relation="left of", other="square"))
+    spec = QuestionSpec("colour", Ref("circle", relation="touching", other="square"))
     assert unwarranted_refusal(spec) == (
-        "The question is unanswerable because there is no circle to the left of the square in the video."
+        "The question is unanswerable because there is no circle touching the square in the video."
     )
     assert "no object in the video" in unwarranted_refusal(QuestionSpec("count"))
 
@@ -410,16 +416,25 @@ def test_the_caption_names_every_object_left_to_right_with_all_its_attributes():
         assert len(parts) == len(scene.objects)
         named = {tuple(part.split()[:3]) for part in parts}
         assert named == {(o.size, o.colour, o.shape) for o in scene.objects}
+    # What an object touches follows its attributes, said from both sides.
+    assert describe_scene(known_scene()) == (
+        "small red circle moving down touching the square, "
+        "large blue square moving down touching the circle, small green star moving right"
+    )
 
 
 def test_a_qualifier_check_asks_one_attribute_of_a_present_object():
-    scene = known_scene()  # small red circle (still), large blue square (down), small green star (left)
+    scene = known_scene()  # a small red circle touching a large blue square (both down), a green star (right)
     writer = ShapesWriter(0)
     cases = [
         (Ref("circle", colour="red"), "yes", "red", "the circle is red"),
         (Ref("square", size="small"), "no", "small", "the square is not small"),
-        (Ref("circle", motion="still"), "yes", "standing still", "the circle is standing still"),
-        (Ref("star", motion="up"), "no", "moving up", "the star is not moving up"),
+        (Ref("circle", motion="still"), "no", "standing still", "the circle is not standing still"),
+        (Ref("star", motion="right"), "yes", "moving right", "the star is moving right"),
+        (Ref("square", relation="touching", other="circle"), "yes", "touching the circle",
+         "the square is touching the circle"),
+        (Ref("star", relation="touching", other="circle"), "no", "touching the circle",
+         "the star is not touching the circle"),
     ]
     for ref, answer, predicate, fact in cases:
         spec = QuestionSpec("verify", ref)
@@ -446,13 +461,20 @@ def test_qualifier_checks_are_true_or_false_at_even_odds_about_different_objects
         for item in made:
             ref = item.slots["spec"].ref
             (obj,) = [o for o in scene.objects if o.shape == ref.shape]
-            # checked here against the object's attributes directly, not through `resolve_ref`
-            attribute, value = next((a, v) for a, v in (("colour", ref.colour), ("size", ref.size),
-                                                         ("motion", ref.motion)) if v is not None)
-            assert item.answer == ("yes" if getattr(obj, attribute) == value else "no")
+            # checked against the object's attributes and the clip's pairs directly, not through `resolve_ref`
+            if ref.relation is not None:
+                attribute = "touching"
+                (other,) = [j for j, o in enumerate(scene.objects) if o.shape == ref.other]
+                truth = (scene.objects.index(obj), "touching", other) in scene.relations()
+            else:
+                attribute, value = next((a, v) for a, v in (("colour", ref.colour), ("size", ref.size),
+                                                             ("motion", ref.motion)) if v is not None)
+                truth = getattr(obj, attribute) == value
+            assert item.answer == ("yes" if truth else "no")
             assert item.fact == f"the {ref.shape} is {'' if item.answer == 'yes' else 'not '}{ref.predicate}"
             answers[item.answer] += 1
             attributes[attribute] += 1
     total = sum(answers.values())
     assert abs(answers["yes"] / total - 0.5) < 0.06, answers
-    assert all(n > total / 4 for n in attributes.values()), attributes
+    assert set(attributes) == {"colour", "size", "motion", "touching"}
+    assert all(n > total / 6 for n in attributes.values()), attributes
