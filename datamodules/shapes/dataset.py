@@ -307,14 +307,20 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _started() -> None:
+    """A task that does nothing: its result says that a rendering process runs, with SIGINT ignored."""
+
+
 def _render_all(jobs: list[tuple[dict[str, Any], str, int]], progress: bool, workers: int | None) -> None:
     """Render the clips, in `workers` processes for 64 clips or more.
 
     Ctrl-C (SIGINT, which a terminal sends to the whole foreground process group) is the parent's alone:
     the rendering processes start with SIGINT ignored (inherited from the parent, which ignores it while it
-    starts them, so also during their start-up imports) and keep ignoring it. On an interrupt or an error
-    the parent cancels the clips not started and waits for those being rendered (each writes through a
-    temporary file), so no rendering process outlives this call.
+    starts them and until they run, so also during their start-up imports) and keep ignoring it. No clip is
+    rendered before the parent takes Ctrl-C again, so it always stops the rendering (only a Ctrl-C in the
+    second or so of start-up goes unheard). On an interrupt or an error the parent cancels the clips not
+    started and waits for those being rendered (each writes through a temporary file), so no rendering
+    process outlives this call.
     """
     workers = workers if workers is not None else (os.cpu_count() or 1)
     bar = tqdm(total=len(jobs), desc="rendering clips", unit="clip", disable=not progress or not jobs)
@@ -326,16 +332,18 @@ def _render_all(jobs: list[tuple[dict[str, Any], str, int]], progress: bool, wor
             return
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        # "spawn" keeps worker start-up independent of whatever threads the caller holds.
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
         try:
-            # "spawn" keeps worker start-up independent of whatever threads the caller holds.
-            context = get_context("spawn")
-            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
-            results = pool.map(_render, jobs, chunksize=4)  # submits every job: the workers start here
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
-        try:
-            for _ in results:
+            try:
+                # One task per process, submitted at once, starts them all now (a process is started for a
+                # task while none is idle); their results mean each runs its initializer's SIGINT setting.
+                for future in [pool.submit(_started) for _ in range(workers)]:
+                    future.result()
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGINT, previous)
+            for _ in pool.map(_render, jobs, chunksize=4):
                 bar.update()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
