@@ -224,10 +224,14 @@ def test_ctrl_c_during_parallel_synth_exits_at_once_and_a_rerun_finishes(tmp_pat
     """Ctrl-C reaches the whole foreground process group: the parent and its rendering processes. These
     ignore it (a KeyboardInterrupt inside a pool worker can leave the pool hung), the parent cancels the
     rest: the run exits non-zero within seconds with the resume line, no rendering process outlives it,
-    and the same command run again finishes the dataset."""
+    and the same command run again finishes the dataset.
+
+    The clips are larger than the default (32 frames of 96 px) so that rendering the rest takes about 20 s:
+    with default clips the last 520 took about 4 s, and on a loaded machine the run could finish between
+    the test's check that it runs and its Ctrl-C (it failed twice so, the run exiting 0)."""
     out = tmp_path / "data"
     args = [sys.executable, "-m", "datamodules", "synth", "--out", str(out), "--num-videos", "600", "--seed",
-            "0", "--workers", "2"]
+            "0", "--workers", "2", "--frames", "32", "--size", "96"]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
@@ -241,13 +245,13 @@ def test_ctrl_c_during_parallel_synth_exits_at_once_and_a_rerun_finishes(tmp_pat
         assert all(_ignores_sigint(pid) for pid in workers), "the rendering processes take Ctrl-C themselves"
         os.killpg(process.pid, signal.SIGINT)
         started = time.monotonic()
-        _, stderr = process.communicate(timeout=30)
+        stdout, stderr = process.communicate(timeout=30)
         seconds = time.monotonic() - started
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode != 0
+    assert process.returncode != 0, stdout[-2000:]
     assert seconds < 10, f"took {seconds:.1f} s to stop"
     assert "rerun the same command to resume" in stderr.strip().splitlines()[-1], stderr[-2000:]
     assert "Traceback" not in stderr
