@@ -30,7 +30,7 @@ SIZES = ("small", "large")
 MOTIONS = ("left", "right", "up", "down", "still")
 # The relation between two objects: an interaction seen on the objects themselves, as MOMA-LRG's relations
 # (holding, touching, next to) are, rather than a comparison of coordinates. Two objects touch when their
-# shapes meet in every frame; every other pair stays clearly apart (see `Scene.touching`).
+# shapes meet in every frame; every other pair stays clearly apart (`Scene.relations`, `Scene.contradicts`).
 RELATIONS = ("touching",)
 BACKGROUND = (60, 60, 60)
 
