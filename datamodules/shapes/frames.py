@@ -40,9 +40,8 @@ LABEL_VALUES = {
 def object_labels(scene: Scene, i: int) -> list[int]:
     """The class ids (1-based, as `LABELS` orders them) of object i of `scene`."""
     obj = scene.objects[i]
-    touching = any(a == i for a, _, _ in scene.relations())
     values = {name: getattr(obj, name) for name in ("shape", "colour", "size", "motion")}
-    values["contact"] = "touching" if touching else "apart"
+    values["contact"] = "touching" if scene.partners(i) else "apart"
     return [LABEL_VALUES[name].index(values[name]) + 1 for name in LABELS]
 
 

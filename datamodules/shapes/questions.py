@@ -210,8 +210,8 @@ def true_answer(scene: Scene, spec: QuestionSpec) -> str | None:
         assert spec.relation is not None
         return COUNT_WORDS[sum((k, spec.relation, i) in held for k in range(len(scene.objects)))]
     if spec.form == "touch":
-        partners = [scene.objects[j].shape for a, _, j in sorted(held) if a == i]
-        return partners[0] if len(partners) == 1 else NOTHING if not partners else None
+        partners = scene.partners(i)
+        return scene.objects[partners[0]].shape if len(partners) == 1 else NOTHING if not partners else None
     return None
 
 
@@ -492,11 +492,10 @@ def describe_scene(scene: Scene) -> str:
     """Every object of `scene` from left to right (by start position) with all its attributes and what it
     touches: "large red square moving up touching the star, small blue star moving up touching the square,
     green circle standing still"."""
-    held = _held(scene)
     parts = []
     for i in sorted(range(len(scene.objects)), key=lambda n: (scene.objects[n].x0, scene.objects[n].y0)):
         obj = scene.objects[i]
-        touching = "".join(f" touching the {scene.objects[j].shape}" for a, _, j in sorted(held) if a == i)
+        touching = "".join(f" touching the {scene.objects[j].shape}" for j in scene.partners(i))
         parts.append(f"{obj.size} {obj.colour} {obj.shape} {motion_phrase(obj.motion)}{touching}")
     return ", ".join(parts)
 
@@ -518,13 +517,12 @@ def verify_items(scene: Scene, rng: random.Random, num: int = 2) -> list[Fact]:
     An object whose shape is not unique in the scene is not asked about.
     """
     facts = []
-    held = _held(scene)
     for i in rng.sample(range(len(scene.objects)), min(num, len(scene.objects))):
         obj = scene.objects[i]
         others = [j for j in range(len(scene.objects)) if j != i]
         attribute = rng.choice(("colour", "size", "motion", "touching")[: 4 if others else 3])
         if attribute == "touching":
-            partners = [j for j in others if (i, "touching", j) in held]
+            partners = scene.partners(i)
             apart = [j for j in others if j not in partners]
             j = rng.choice(partners if partners and (not apart or rng.random() < 0.5) else apart)
             ref = Ref(shape=obj.shape, relation="touching", other=scene.objects[j].shape)

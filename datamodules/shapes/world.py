@@ -102,6 +102,10 @@ class Scene:
         """(i, "touching", j) for every ordered pair of objects whose shapes meet in every frame."""
         return [(i, "touching", j) for i, j in _contacts(self)]
 
+    def partners(self, i: int) -> list[int]:
+        """The indices of the objects that object i touches, in index order."""
+        return [b for a, b in _contacts(self) if a == i]
+
     def holds(self, i: int, relation: str, j: int) -> bool:
         return (i, relation, j) in self.relations()
 
@@ -309,7 +313,7 @@ def _touching(
             x0, y0 = anchor.x0 + distance * math.cos(angle), anchor.y0 + distance * math.sin(angle)
             return SceneObject(shape, colour, size, anchor.motion, x0, y0)
         distance -= 0.25
-    return candidate
+    raise AssertionError("unreachable: shapes with the same centre overlap")
 
 
 def _valid(scene: Scene, contact: bool) -> bool:

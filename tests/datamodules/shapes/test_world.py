@@ -69,6 +69,7 @@ def test_touching_is_read_from_the_rendered_shapes():
     scene = Scene((circle, square, obj("star", "green", x0=30, y0=50)), WORLD)
     assert set(scene.relations()) == {(0, "touching", 1), (1, "touching", 0)}
     assert scene.holds(0, "touching", 1) and not scene.holds(0, "touching", 2)
+    assert (scene.partners(0), scene.partners(1), scene.partners(2)) == ([1], [0], [])
     assert scene.contradicts(0, "touching", 2) and scene.contradicts(2, "touching", 1)
     assert not scene.contradicts(0, "touching", 1)
     assert "The red circle is touching the blue circle." in scene.describe()
