@@ -228,7 +228,11 @@ class AlignmentModule(L.LightningModule):
             folder = self.out_dir / "reference_logps"
         weights = reference_weights(self.llm, self.reference)
         config = self.config
-        identity = reference_identity(config.name_or_path, config.num_frames, self.processor, weights)
+        # Without a trainer the pass runs in the weights' own dtype, without autocast.
+        precision = str(self.trainer.precision) if self._trainer is not None else str(self.llm.dtype)
+        identity = reference_identity(
+            config.name_or_path, config.num_frames, self.processor, weights, precision
+        )
         if dist.is_available() and dist.is_initialized():  # every rank names the same file
             shared = [identity]
             dist.broadcast_object_list(shared, src=0)
@@ -278,7 +282,10 @@ class AlignmentModule(L.LightningModule):
             )
             for loader in loaders
         ]
-        computed = self.precompute_reference(itertools.chain(*shares))  # then a frozen copy is freed
+        # In the training steps' precision (autocast under bf16-mixed), so that before the first update the
+        # policy's log-probabilities equal the reference's and the implicit rewards start at zero.
+        with trainer.precision_plugin.forward_context():
+            computed = self.precompute_reference(itertools.chain(*shares))  # then a frozen copy is freed
         if trainer.world_size > 1:
             gathered: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(gathered, (self.reference_cache.pairs, computed))

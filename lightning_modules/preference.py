@@ -139,9 +139,14 @@ def reference_weights(llm: nn.Module, reference: nn.Module | None) -> list[tuple
 
 
 def reference_identity(
-    name_or_path: str, num_frames: int, processor: Any, weights: list[tuple[str, torch.Tensor]]
+    name_or_path: str,
+    num_frames: int,
+    processor: Any,
+    weights: list[tuple[str, torch.Tensor]],
+    precision: str,
 ) -> dict[str, Any]:
-    """What the reference log-probabilities depend on besides the pairs: the model, tokenizer and template."""
+    """What the reference log-probabilities depend on besides the pairs: the model, tokenizer and template,
+    and the precision they are computed in (Lightning's `trainer.precision`, e.g. "bf16-mixed")."""
     tokenizer = processor.tokenizer
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None) or ""
@@ -153,6 +158,7 @@ def reference_identity(
         "tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest(),
         "chat_template": hashlib.sha256(str(template).encode()).hexdigest(),
         "processor": type(processor).__name__,
+        "precision": precision,
     }
 
 

@@ -495,6 +495,29 @@ def test_dpo_reference_log_probs_are_computed_once_before_training(tmp_path, cli
         module.model_step(batch, "train")
 
 
+def test_dpo_reference_pass_runs_in_the_training_precision(tmp_path, cli_args, run_main, tiny_base):
+    """Under `precision: bf16-mixed` the reference pass runs in the steps' autocast, so that the cached
+    log-probabilities are the initial policy's as the first step computes them; the cache is keyed by the
+    precision."""
+    cli = run_main(cli_args("fit", tmp_path, objective="dpo", base=tiny_base, lora=True, steps=1,
+                            extra=["--trainer.precision=bf16-mixed", "--trainer.limit_val_batches=0"]))
+    cached = json.loads(cli.model.reference_cache.path.read_text())
+    assert cached["identity"]["precision"] == "bf16-mixed"
+
+    config = VideoLLMConfig(name_or_path=str(tiny_base), num_frames=2)
+    initial = AlignmentModule(model=config, objective="dpo", precompute_ref_log_probs=False).eval()
+    batch = dpo_pairs(cli.datamodule, "train")[0]
+    with torch.no_grad():
+        full, _ = initial.pair_logps(initial.llm, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            mixed, _ = initial.pair_logps(initial.llm, batch)
+    half = len(batch["ids"])
+    entries = [cached["pairs"][record][1:] for record in batch["ids"]]
+    got = torch.tensor([[chosen for chosen, _ in entries], [rejected for _, rejected in entries]]).flatten()
+    assert not torch.allclose(full, mixed, atol=1e-3), "bf16 changes the log-probabilities"
+    torch.testing.assert_close(got, mixed.float().reshape(2, half).flatten(), rtol=0, atol=1e-4)
+
+
 def test_dpo_resume_reuses_the_cached_reference_and_matches_an_uninterrupted_run(tmp_path, cli_args,
                                                                                  run_main, tiny_base):
     """Full fine-tuning DPO with cached reference log-probabilities, one epoch of 4 batches checkpointed
