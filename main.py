@@ -4,7 +4,8 @@ Configs name the LightningModule and DataModule by `class_path`; they are parsed
 config can interpolate its own values (`${...}`). This file only wires; the work lives in the packages.
 
 A user error (a bad record, video, setting, config key or checkpoint path; see `datamodules.errors`) exits
-with status 2 and one line on stderr, also when it was raised in a DataLoader worker.
+with status 2 and one line on stderr, also when it was raised in a DataLoader worker. A command stopped by
+SIGTERM exits with status 143 and one line saying what was written.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.errors import UserError, user_error_message
+from lightning_modules.run_folder import RunFolderLock, last_checkpoint
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by the signal
 
 # ckpt_path values that Lightning resolves itself (not file paths).
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")
@@ -25,6 +30,10 @@ LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")
 
 class CheckpointError(UserError):
     """A `--ckpt_path` that names no checkpoint."""
+
+
+class Terminated(Exception):
+    """A command stopped by SIGTERM; the message says what was and was not written."""
 
 
 class ConfigArgumentParser(LightningArgumentParser):
@@ -85,8 +94,12 @@ def config_error_line(message: str) -> str:
 
 class AnswerabilityCLI(LightningCLI):
     """LightningCLI where the config and command line set the module, and a checkpoint only its weights and
-    training state; `--ckpt_path last` means the run folder's `checkpoints/last.ckpt`.
+    training state; `--ckpt_path last` means the run folder's last checkpoint. Each command holds a lock on
+    its run folder while it runs, and saves its config under its own name (`config.yaml` for `fit`,
+    `<command>_config.yaml` for the others), so `test` in a run folder keeps `fit`'s config.
     """
+
+    _lock: RunFolderLock | None = None
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would replace the module's arguments with those saved in the checkpoint, silently
@@ -94,10 +107,44 @@ class AnswerabilityCLI(LightningCLI):
         # checkpoint.
         return
 
+    def before_instantiate_classes(self) -> None:
+        name = "config.yaml" if self.subcommand == "fit" else f"{self.subcommand}_config.yaml"
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": name}
+
+    def _run_folder(self) -> Path:
+        return Path(getattr(self.model, "hparams", {}).get("output_dir") or self.trainer.default_root_dir)
+
+    def _lock_run_folder(self) -> None:
+        """Before anything is written (the config, a checkpoint): a second command into this folder, or a
+        folder that cannot be written, stops here with one line."""
+        if is_first_process():
+            self._lock = RunFolderLock(self._run_folder(), self.subcommand).acquire()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise Terminated(self._terminated(subcommand)) from None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _terminated(self, subcommand: str) -> str:
+        """What a SIGTERM left: `fit` saves a checkpoint (`RunCheckpoint`), the others write at their end."""
+        if subcommand != "fit":
+            folder = self._run_folder()
+            return f"{subcommand} stopped by SIGTERM before its end: nothing was written to {folder}"
+        saved = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+        if saved:
+            return (f"fit stopped by SIGTERM at step {self.trainer.global_step}: checkpoint {saved} saved, "
+                    "the model not exported; rerun with --ckpt_path last to resume")
+        return "fit stopped by SIGTERM before its first step: nothing was saved"
+
     def _resolve_last_checkpoint(self) -> None:
-        """`last`: the run folder's checkpoint. `fit` without one starts a new run; `validate`, `test` and
-        `predict` without one are an error (they would score the untrained model), and so is a path that
-        names no file."""
+        """`last`: the run folder's last checkpoint (`run_folder.last_checkpoint`). `fit` without one starts a
+        new run; `validate`, `test` and `predict` without one are an error (they would score the untrained
+        model), and so is a path that names no file."""
         # Lightning looks for "last" in its default checkpoint folder (with a WandbLogger a per-run W&B
         # folder), before the module's own checkpoint callback is attached: a resumed run would start afresh.
         kwargs = self.config_init[self.subcommand]
@@ -105,23 +152,36 @@ class AnswerabilityCLI(LightningCLI):
         if ckpt_path is None:
             return
         if ckpt_path == "last":
-            output_dir = getattr(self.model, "hparams", {}).get("output_dir") or self.trainer.default_root_dir
-            path = Path(output_dir) / "checkpoints" / "last.ckpt"  # AlignmentModule.configure_callbacks
-            if path.is_file():
+            folder = self._run_folder() / "checkpoints"  # AlignmentModule.configure_callbacks
+            path = last_checkpoint(folder)
+            if path is not None:
+                if path.name != "last.ckpt":
+                    print(f"{folder / 'last.ckpt'} is missing: resuming from {path}", file=sys.stderr)
                 kwargs["ckpt_path"] = str(path)
             elif self.subcommand == "fit":
-                print(f"no checkpoint at {path}: starting a new run", file=sys.stderr)
+                print(f"no checkpoint in {folder}: starting a new run", file=sys.stderr)
                 kwargs["ckpt_path"] = None
             else:
                 raise CheckpointError(
-                    f"--ckpt_path last: no checkpoint at {path}; {self.subcommand} would use the untrained "
+                    f"--ckpt_path last: no checkpoint in {folder}; {self.subcommand} would use the untrained "
                     "model (train it first, or give the checkpoint's path)"
                 )
         elif str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not str(ckpt_path).startswith("registry"):
             if not Path(ckpt_path).is_file():
                 raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
 
-    before_fit = before_validate = before_test = before_predict = _resolve_last_checkpoint
+    def _before_run(self) -> None:
+        self._resolve_last_checkpoint()
+        self._lock_run_folder()
+
+    before_fit = before_validate = before_test = before_predict = _before_run
+
+
+def is_first_process() -> bool:
+    """Whether this is the job's first process: Lightning's launcher starts ranks > 0 of a node with
+    LOCAL_RANK set, and nodes > 0 with NODE_RANK (torchrun and SLURM set RANK)."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(os.environ.get(name, "0") == "0" for name in ranks)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -140,6 +200,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 def main(args: list[str] | None = None) -> int:
     try:
         cli_main(args)
+    except Terminated as stopped:
+        print(f"error: {stopped}", file=sys.stderr)
+        return SIGTERM_EXIT
     except Exception as error:
         message = user_error_message(error)
         if message is None:

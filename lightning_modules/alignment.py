@@ -32,6 +32,7 @@ from lightning_modules.preference import (
     reference_identity,
     reference_weights,
 )
+from lightning_modules.run_folder import RunCheckpoint, StopOnSigterm
 from lightning_modules.video_llm import (
     VideoLLMConfig,
     count_parameters,
@@ -139,9 +140,11 @@ class AlignmentModule(L.LightningModule):
         # Checkpoints go to a fixed folder of the run, so `--ckpt_path last` finds them when resuming. One is
         # kept, written at every validation (mid-epoch with an int `val_check_interval`) and at each epoch's
         # end; `last.ckpt` links to it. (`save_top_k=0` would write `last.ckpt` at epoch ends only.)
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        return [ModelCheckpoint(dirpath=self.out_dir / "checkpoints", save_last="link", save_top_k=1)]
+        # `RunCheckpoint` makes the link atomically and saves a checkpoint on SIGTERM.
+        return [
+            RunCheckpoint(dirpath=self.out_dir / "checkpoints", save_last="link", save_top_k=1),
+            StopOnSigterm(),
+        ]
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Records and ids ride along with the tensors but are plain Python: move only the rest.

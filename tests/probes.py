@@ -46,3 +46,30 @@ class SeenBatches(L.Callback):
             row = {"rank": trainer.global_rank, "step": step, "ids": ids}
             with Path(f"{self.path}.rank{trainer.global_rank}.jsonl").open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+
+
+class SigtermAt(L.Callback):
+    """Sends SIGTERM to its own process at the start of batch `batch` of `stage` (fit, test or predict): a
+    scheduler's preemption at a known point. Lightning's handler is installed while the trainer runs."""
+
+    def __init__(self, stage: str, batch: int):
+        self.stage, self.batch = stage, batch
+
+    def _maybe_signal(self, batch_idx: int) -> None:
+        import os
+        import signal
+
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.stage == "fit":
+            self._maybe_signal(batch_idx)
+
+    def on_test_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.stage == "test":
+            self._maybe_signal(batch_idx)
+
+    def on_predict_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.stage == "predict":
+            self._maybe_signal(batch_idx)

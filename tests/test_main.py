@@ -13,6 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Lightning adds a stderr log handler at its first import: imported here, at collection, the handler binds the
+# real stderr, not one test's captured stream that a later test finds closed ("--- Logging error ---").
+import lightning  # noqa: F401
 import pytest
 import torch
 import yaml
@@ -397,10 +400,9 @@ def test_evaluating_without_the_checkpoint_is_one_line_and_writes_nothing(subcom
 
     out = tmp_path / "run"
     assert main(cli_args(subcommand, out, extra=["--ckpt_path=last"])) == 2
-    checkpoint = out / "checkpoints" / "last.ckpt"
-    assert error_line(capsys) == (f"error: --ckpt_path last: no checkpoint at {checkpoint}; {subcommand} "
-                                  "would use the untrained model (train it first, or give the checkpoint's "
-                                  "path)")
+    folder = out / "checkpoints"
+    assert error_line(capsys) == (f"error: --ckpt_path last: no checkpoint in {folder}; {subcommand} would "
+                                  "use the untrained model (train it first, or give the checkpoint's path)")
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
     missing = tmp_path / "no.ckpt"
     assert main(cli_args(subcommand, out, extra=[f"--ckpt_path={missing}"])) == 2
@@ -498,3 +500,67 @@ def test_a_corrupt_video_read_in_a_dataloader_worker_is_one_line(tmp_path, cli_a
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {broken}: cannot decode"), last
     assert not (tmp_path / "run" / "predictions.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------ signals and run folders
+def sigterm_at(stage: str, batch: int) -> str:
+    return "--trainer.callbacks=" + json.dumps(
+        [{"class_path": "probes.SigtermAt", "init_args": {"stage": stage, "batch": batch}}])
+
+
+def test_sigterm_in_fit_saves_a_checkpoint_exits_143_and_resumes(tmp_path, cli_args, run_main, capsys):
+    """A scheduler's SIGTERM: one line, status 143 (not 0), a checkpoint of the steps done, and
+    `--ckpt_path last` finishes the run."""
+    from main import main
+
+    out = tmp_path / "run"
+    assert main(cli_args("fit", out, steps=6, extra=[sigterm_at("fit", 3)])) == 143
+    line = error_line(capsys)
+    assert line.startswith("error: fit stopped by SIGTERM at step 4: checkpoint "), line
+    assert line.endswith("rerun with --ckpt_path last to resume")
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4, "the batch under way when the signal came is finished"
+    assert not (out / "hf_model").exists(), "a stopped run exports nothing"
+    resumed = run_main(cli_args("fit", out, steps=6, extra=["--ckpt_path=last"]))
+    assert resumed.trainer.global_step == 6 and (out / "hf_model").is_dir()
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_sigterm_in_test_or_predict_exits_143_saying_nothing_was_written(subcommand, tmp_path, lora_dpo_run,
+                                                                         cli_args, capsys):
+    from main import main
+
+    out = tmp_path / subcommand
+    ckpt = lora_dpo_run.out / "checkpoints" / "last.ckpt"
+    args = cli_args(subcommand, out, objective="dpo", base=lora_dpo_run.base, lora=True,
+                    extra=[f"--ckpt_path={ckpt}", "--data.init_args.eval_batch_size=1",
+                           "--data.init_args.predict_file=val.jsonl", sigterm_at(subcommand, 1)])
+    assert main(args) == 143
+    assert error_line(capsys) == (f"error: {subcommand} stopped by SIGTERM before its end: nothing was "
+                                  f"written to {out}")
+    assert not (out / "predictions.jsonl").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_second_command_into_a_busy_run_folder_stops_at_once(tmp_path, cli_args, capsys):
+    from lightning_modules.run_folder import RunFolderLock
+    from main import main
+
+    out = tmp_path / "run"
+    held = RunFolderLock(out, "fit").acquire()  # another fit, still running
+    try:
+        assert main(cli_args("fit", out, steps=1)) == 2
+    finally:
+        held.release()
+    assert error_line(capsys) == (f"error: {out}: another command is writing this run folder (pid "
+                                  f"{os.getpid()}, fit); wait for it to end or give this one another "
+                                  "--model.init_args.output_dir")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"], "nothing else written"
+
+
+def test_each_command_keeps_its_own_config_in_a_shared_run_folder(tmp_path, cli_args, run_main):
+    out = tmp_path / "run"
+    run_main(cli_args("fit", out, steps=1))
+    fit_config = (out / "config.yaml").read_text()
+    run_main(cli_args("predict", out, extra=["--ckpt_path=last", "--data.init_args.predict_file=val.jsonl"]))
+    assert (out / "config.yaml").read_text() == fit_config
+    assert "predict_file: val.jsonl" in (out / "predict_config.yaml").read_text()

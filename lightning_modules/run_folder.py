@@ -1,0 +1,137 @@
+"""The run folder that `main.py` commands write: one writer at a time, checkpoints that a kill cannot leave
+half-linked, a checkpoint on SIGTERM, and the `last` checkpoint found even when its link was lost.
+
+- `RunFolderLock`: an exclusive lock on `<run>/.lock` for the whole command (taken by rank 0 before anything
+  is written), so a second command into the same folder stops at once with one line instead of mixing its
+  checkpoints, config and exported model with the first one's. Taking it also checks that the folder is
+  writable, before a whole epoch is trained.
+- `RunCheckpoint`: Lightning's `ModelCheckpoint` whose `last.ckpt` link is made under a temporary name and
+  renamed over the old one (a kill leaves the old link or the new one, never none), and which saves a
+  checkpoint when the run is stopped by SIGTERM (a scheduler's preemption), so `--ckpt_path last` resumes.
+- `StopOnSigterm`: `predict` stops at the next batch after a SIGTERM, as `fit` and `test` do.
+- `last_checkpoint`: the file `--ckpt_path last` means: `last.ckpt` when it resolves, else the newest
+  complete checkpoint of the folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from datamodules.errors import UserError
+
+LOCK_NAME = ".lock"
+LAST = "last.ckpt"
+
+
+class RunFolderError(UserError):
+    """A run folder that another command is writing, or that cannot be written."""
+
+
+class RunFolderLock:
+    """An exclusive, non-blocking `flock` on `<folder>/.lock`, released when the process ends or `release`
+    is called; the file holds the holder's pid for the error message. The lock is advisory: it keeps this
+    project's commands apart, on one machine or on a file system with working `flock` (NFS v4, Lustre)."""
+
+    def __init__(self, folder: str | os.PathLike, command: str):
+        self.folder = Path(folder)
+        self.command = command
+        self._fd: int | None = None
+
+    def acquire(self) -> RunFolderLock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise RunFolderError(
+                f"{self.folder}: the run folder cannot be written ({error.strerror}); give a writable "
+                "--model.init_args.output_dir / --trainer.default_root_dir"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise RunFolderError(
+                f"{self.folder}: another command is writing this run folder ({holder}); wait for it to end "
+                "or give this one another --model.init_args.output_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, {self.command}".encode(), 0)
+        self._check_writable()
+        self._fd = fd
+        return self
+
+    def _check_writable(self) -> None:
+        """The lock file may exist from an earlier run in a folder that is now read-only: try a new file."""
+        probe = self.folder / f".write-check-{os.getpid()}"
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as error:
+            raise RunFolderError(
+                f"{self.folder}: the run folder cannot be written ({error.strerror}); give a writable "
+                "--model.init_args.output_dir / --trainer.default_root_dir"
+            ) from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` with an atomic `last.ckpt` link and a checkpoint on SIGTERM.
+
+    Lightning writes each checkpoint file atomically (a transaction: temporary file, then rename) but replaces
+    the `last` link by removing it and then linking: a kill in between leaves no `last.ckpt`. Here the new
+    link is made under a temporary name and renamed over the old one. On SIGTERM, which Lightning turns into a
+    `SIGTERMException` between two training steps (so the weights and the optimizer agree), a checkpoint is
+    saved and linked as `last`; any other exception saves nothing (a crash may leave a half-updated state).
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(save_on_exception=True, **kwargs)
+
+    @staticmethod
+    def _link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            partial = f"{linkpath}.partial"
+            if os.path.lexists(partial):
+                os.remove(partial)
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), partial)
+            os.replace(partial, linkpath)
+        trainer.strategy.barrier()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
+
+
+class StopOnSigterm(Callback):
+    """Stop `predict` at the next batch after a SIGTERM, as Lightning's training and evaluation loops do (its
+    prediction loop notes the signal but runs to the end: minutes on a large set)."""
+
+    def on_predict_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException
+
+
+def last_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint `--ckpt_path last` resumes from: `<folder>/last.ckpt` when it resolves to a file, else
+    the newest `*.ckpt` of the folder (a kill between removing an old checkpoint and relinking `last` leaves a
+    dangling link beside a complete checkpoint); None when there is none."""
+    folder = Path(folder)
+    last = folder / LAST
+    if last.is_file():
+        return last
+    candidates = [p for p in folder.glob("*.ckpt") if p.name != LAST and p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
