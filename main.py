@@ -19,17 +19,13 @@ from typing import NoReturn
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from datamodules.errors import UserError, user_error_message
-from lightning_modules.run_folder import RunFolderLock, last_checkpoint
+from datamodules.errors import user_error_message
+from lightning_modules.run_folder import CheckpointError, RunFolderLock, check_checkpoint, last_checkpoint
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by the signal
 
 # ckpt_path values that Lightning resolves itself (not file paths).
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")
-
-
-class CheckpointError(UserError):
-    """A `--ckpt_path` that names no checkpoint."""
 
 
 class Terminated(Exception):
@@ -157,6 +153,7 @@ class AnswerabilityCLI(LightningCLI):
             if path is not None:
                 if path.name != "last.ckpt":
                     print(f"{folder / 'last.ckpt'} is missing: resuming from {path}", file=sys.stderr)
+                check_checkpoint(path, "--ckpt_path last:")
                 kwargs["ckpt_path"] = str(path)
             elif self.subcommand == "fit":
                 print(f"no checkpoint in {folder}: starting a new run", file=sys.stderr)
@@ -167,8 +164,7 @@ class AnswerabilityCLI(LightningCLI):
                     "model (train it first, or give the checkpoint's path)"
                 )
         elif str(ckpt_path) not in LIGHTNING_CKPT_NAMES and not str(ckpt_path).startswith("registry"):
-            if not Path(ckpt_path).is_file():
-                raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            check_checkpoint(ckpt_path)
 
     def _before_run(self) -> None:
         self._resolve_last_checkpoint()

@@ -9,6 +9,7 @@ half-linked, a checkpoint on SIGTERM, and the `last` checkpoint found even when 
   renamed over the old one (a kill leaves the old link or the new one, never none), and which saves a
   checkpoint when the run is stopped by SIGTERM (a scheduler's preemption), so `--ckpt_path last` resumes.
 - `StopOnSigterm`: `predict` stops at the next batch after a SIGTERM, as `fit` and `test` do.
+- `check_checkpoint`: a damaged checkpoint file is one line naming it, not a traceback from the loader.
 - `last_checkpoint`: the file `--ckpt_path last` means: `last.ckpt` when it resolves, else the newest
   complete checkpoint of the folder.
 """
@@ -32,6 +33,29 @@ LAST = "last.ckpt"
 
 class RunFolderError(UserError):
     """A run folder that another command is writing, or that cannot be written."""
+
+
+class CheckpointError(UserError):
+    """A `--ckpt_path` that names no checkpoint, or a checkpoint file that cannot be read."""
+
+
+def check_checkpoint(path: str | os.PathLike, setting: str = "--ckpt_path") -> None:
+    """A `CheckpointError` naming `path` when it is no file, or a file whose archive cannot be opened (cut
+    short by a full disk or an interrupted copy: its zip directory, at the end, is missing). Opening reads the
+    directory only, not the tensors. A folder (DeepSpeed's sharded checkpoint) is left to its strategy."""
+    import torch
+
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # name the file to delete
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise CheckpointError(f"{setting} {path}: no such checkpoint file")
+    try:
+        torch._C.PyTorchFileReader(str(path))
+    except RuntimeError:
+        raise CheckpointError(
+            f"{setting} {path}: the checkpoint file is damaged (cut short?); delete it, or give another"
+        ) from None
 
 
 class RunFolderLock:

@@ -564,3 +564,19 @@ def test_each_command_keeps_its_own_config_in_a_shared_run_folder(tmp_path, cli_
     run_main(cli_args("predict", out, extra=["--ckpt_path=last", "--data.init_args.predict_file=val.jsonl"]))
     assert (out / "config.yaml").read_text() == fit_config
     assert "predict_file: val.jsonl" in (out / "predict_config.yaml").read_text()
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path, cli_args, run_main, capsys):
+    """Cut short by a full disk or an interrupted copy: `fit --ckpt_path last` and `test` name the file."""
+    from main import main
+
+    out = tmp_path / "run"
+    run_main(cli_args("fit", out, steps=1))
+    target = (out / "checkpoints" / "last.ckpt").resolve()
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    assert main(cli_args("fit", out, steps=2, extra=["--ckpt_path=last"])) == 2
+    assert error_line(capsys) == (f"error: --ckpt_path last: {target}: the checkpoint file is damaged (cut "
+                                  "short?); delete it, or give another")
+    assert main(cli_args("test", out, extra=[f"--ckpt_path={target}"])) == 2
+    assert error_line(capsys) == (f"error: --ckpt_path {target}: the checkpoint file is damaged (cut "
+                                  "short?); delete it, or give another")
