@@ -27,11 +27,15 @@ import functools
 import hashlib
 import json
 import os
+import re
 import threading
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
+
+from datamodules.errors import UserError
 
 __all__ = [
     "NO_KEY",
@@ -46,12 +50,14 @@ __all__ = [
 
 NO_KEY = "EMPTY"  # sent when no key variable is named (vLLM's convention for "no key")
 REDACTED = "***"
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MESSAGE_CHARS = 300  # an error body is shortened to this many characters in messages
 
 
-class ChatError(RuntimeError):
+class ChatError(UserError, RuntimeError):
     """The endpoint cannot be used at all: a key variable that is not set, HTTP 401/403/404, or no answer
-    after several attempts in a row. The message is one line and never holds the key."""
+    after several attempts in a row. The message is one line and never holds the key; both command lines
+    print it as one line (a `UserError`: the user's server, key or setting to fix)."""
 
 
 class ChatRequestError(Exception):
@@ -67,13 +73,30 @@ def redact(text: str, secret: str | None) -> str:
 def api_key_from_env(api_key_env: str | None, error_class: type[ChatError] = ChatError) -> str | None:
     """The key held by the environment variable named `api_key_env`; None when no variable is named.
 
-    A named variable that is unset or empty raises `error_class`."""
+    A named variable that is unset or empty raises `error_class`, and so does a value that is no variable
+    name (a key given in its place, most likely), without echoing it."""
     if not api_key_env:
         return None
+    if not _VARIABLE_NAME.fullmatch(api_key_env):
+        raise error_class(
+            "api_key_env: the value given is not an environment variable name (letters, digits and _); give "
+            "the NAME of the variable that holds the key, e.g. OPENAI_API_KEY, never the key itself"
+        )
     value = os.environ.get(api_key_env)
     if not value:
         raise error_class(f"the environment variable {api_key_env} (the API key) is not set")
     return value
+
+
+def check_base_url(base_url: str, error_class: type[ChatError] = ChatError) -> None:
+    """Refuse a URL that carries credentials (``http://user:KEY@host/v1``): it would be saved in
+    config.yaml, W&B runs and logs. The URL is not echoed, since it holds the secret."""
+    parsed = urlsplit(base_url)
+    if parsed.username is not None or parsed.password is not None:
+        raise error_class(
+            "base_url: the URL carries credentials (user:key@host), which would be saved in config files and "
+            "W&B runs; put the key in an environment variable and name it with api_key_env"
+        )
 
 
 def request_key(body: dict[str, Any]) -> str:
@@ -178,6 +201,7 @@ class ChatClient:
     ):
         if timeout <= 0 or max_retries < 0 or max_connection_failures < 0:
             raise error_class(f"{name}: timeout must be > 0, max_retries and max_connection_failures >= 0")
+        check_base_url(base_url, error_class)
         self._key = api_key_from_env(api_key_env, error_class)
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"

@@ -580,3 +580,21 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path, cli_args, run_main, capsys):
     assert main(cli_args("test", out, extra=[f"--ckpt_path={target}"])) == 2
     assert error_line(capsys) == (f"error: --ckpt_path {target}: the checkpoint file is damaged (cut "
                                   "short?); delete it, or give another")
+
+
+def test_an_unreachable_judge_is_one_line(tmp_path, lora_dpo_run, cli_args, capsys):
+    """A closed port: `test` stops with one line naming the endpoint, not a traceback (and no report)."""
+    from main import main
+
+    out = tmp_path / "test"
+    args = cli_args("test", out, objective="dpo", base=lora_dpo_run.base, lora=True,
+                    extra=[f"--ckpt_path={lora_dpo_run.out / 'checkpoints' / 'last.ckpt'}",
+                           "--model.init_args.judge=metrics.judges.ChatJudge",
+                           "--model.init_args.judge.init_args.base_url=http://127.0.0.1:9/v1",
+                           "--model.init_args.judge.init_args.model=judge",
+                           "--model.init_args.judge.init_args.max_retries=0",
+                           "--model.init_args.judge.init_args.timeout=5"])
+    assert main(args) == 2
+    line = error_line(capsys)
+    assert "http://127.0.0.1:9/v1" in line, line
+    assert not (out / "metrics.json").exists()

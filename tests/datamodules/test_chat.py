@@ -80,3 +80,45 @@ def test_reply_cache_lines_stay_whole_under_concurrent_writers(tmp_path: Path) -
     memory = ReplyCache()  # no path: in memory only
     memory.put("k", "v")
     assert memory.get("k") == "v" and memory.path is None
+
+
+SECRET = "sk-proj-Zq81secretKEY0123456789"
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: ChatClient(model="m", **kw),
+    lambda **kw: ChatWriter(model="m", **kw),
+    lambda **kw: ChatJudge(model="m", **kw),
+])
+def test_a_key_given_for_its_variable_name_is_refused_and_never_echoed(make) -> None:
+    with pytest.raises(ChatError) as raised:
+        make(base_url="http://127.0.0.1:9/v1", api_key_env=SECRET)
+    assert SECRET not in str(raised.value) and "sk-" not in str(raised.value)
+    assert "not an environment variable name" in str(raised.value)
+
+
+@pytest.mark.parametrize("url", [f"http://user:{SECRET}@127.0.0.1:9/v1", f"https://{SECRET}@api.example/v1"])
+def test_credentials_in_the_url_are_refused_and_never_echoed(url) -> None:
+    for make in (ChatClient, ChatWriter, ChatJudge):
+        with pytest.raises(ChatError) as raised:
+            make(base_url=url, model="m")
+        message = str(raised.value)
+        assert SECRET not in message and "base_url: the URL carries credentials" in message
+
+
+def test_a_key_in_a_judge_setting_of_main_py_is_never_printed_nor_saved(tmp_path, cli_args, capfd) -> None:
+    """From the command line: exit 2, one line, and the key neither on the terminal nor in a file."""
+    from main import main
+
+    out = tmp_path / "run"
+    for setting in (f"--model.init_args.judge.init_args.api_key_env={SECRET}",
+                    f"--model.init_args.judge.init_args.base_url=http://u:{SECRET}@127.0.0.1:9/v1"):
+        args = cli_args("test", out, extra=["--model.init_args.judge=metrics.judges.ChatJudge",
+                                            "--model.init_args.judge.init_args.base_url=http://127.0.0.1:9/v1",
+                                            "--model.init_args.judge.init_args.model=judge", setting])
+        assert main(args) == 2
+        captured = capfd.readouterr()
+        assert SECRET not in captured.out + captured.err
+        assert captured.err.strip().splitlines()[-1].startswith("error: ")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if SECRET in p.read_text(errors="replace")]

@@ -439,6 +439,16 @@ def test_missing_api_key_variable_exits_2(serve, tmp_path: Path, capsys, monkeyp
     assert "NO_SUCH_KEY_VAR" in capsys.readouterr().err
 
 
+def test_a_key_given_to_api_key_env_is_refused_and_never_printed(serve, tmp_path: Path, capfd) -> None:
+    key = "sk-live-0123456789abcdefSECRET"
+    server = serve(scripted)
+    assert main(moma_args(tmp_path / "o.jsonl", server, "--api-key-env", key)) == 2
+    captured = capfd.readouterr()
+    assert key not in captured.out + captured.err
+    assert captured.err.strip().splitlines()[-1].startswith("error: api_key_env: the value given is not")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and key in p.read_text(errors="replace")]
+
+
 @pytest.mark.parametrize(("status", "message"), [(401, "Incorrect API key provided: {key}"),
                                                (403, "this key may not use model m"),
                                                (404, "The model `m` does not exist")])
