@@ -61,7 +61,7 @@ def worker(objective: str, kind: str, frames: int, data_dir: Path, pairs: int, w
     """One setting in this process: a JSON-able dict of its median step time and its peak memory."""
     import torch
 
-    from datamodules.answerability import ChatCollator, Example
+    from datamodules.collation import ChatCollator, Example
     from datamodules.records import read_records
     from datamodules.shapes.questions import template_vocabulary
     from datamodules.video import read_video

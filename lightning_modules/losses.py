@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from datamodules.batch_format import Segment
+
 __all__ = [
     "LOSS_TYPES",
     "chosen_nll",
@@ -79,8 +81,8 @@ def pair_logps(
     """:func:`sequence_logps` of the chosen and the rejected response of shared-prefix pair rows.
 
     A pair row is ``[prompt][chosen][rejected]`` (left padding first), with ``segments`` marking each
-    position ``SEGMENT_PAD`` (0), ``SEGMENT_PROMPT`` (1), ``SEGMENT_CHOSEN`` (2) or ``SEGMENT_REJECTED``
-    (3) (``datamodules.answerability``), and the logits come from a pass in which the rejected tokens do not
+    position ``Segment.PAD`` (0), ``Segment.PROMPT`` (1), ``Segment.CHOSEN`` (2) or ``Segment.REJECTED``
+    (3) (``datamodules.batch_format``), and the logits come from a pass in which the rejected tokens do not
     see the chosen ones. A label at position ``t`` is scored by the logits at ``t - 1``, except the first
     rejected token, which is scored by the logits of the last prompt token (in ``[prompt][rejected]`` they
     are the position before it). So, for each row ``b``, the results equal :func:`sequence_logps` of the
@@ -90,8 +92,6 @@ def pair_logps(
         ``(logps, counts)``, each ``(2 * batch,)``: the chosen responses' first, then the rejected ones'
         (the layout of two-row pairs), with the dtypes of :func:`sequence_logps`.
     """
-    from datamodules.answerability import SEGMENT_PROMPT, SEGMENT_REJECTED
-
     if logits.dim() != 3 or labels.shape != logits.shape[:2] or segments.shape != labels.shape:
         raise ValueError(
             f"logits (batch, seq_len, vocab), labels and segments (batch, seq_len) expected, got shapes "
@@ -103,9 +103,9 @@ def pair_logps(
     mask[:, 0] = False  # as in sequence_logps: the first position has no logits before it
     rows, cols = mask.nonzero(as_tuple=True)
     positions = torch.arange(length, device=labels.device)
-    prompt_last = torch.where(segments == SEGMENT_PROMPT, positions, -1).amax(dim=1)
-    rejected = segments[rows, cols] == SEGMENT_REJECTED
-    first_rejected = rejected & (segments[rows, cols - 1] != SEGMENT_REJECTED)
+    prompt_last = torch.where(segments == Segment.PROMPT, positions, -1).amax(dim=1)
+    rejected = segments[rows, cols] == Segment.REJECTED
+    first_rejected = rejected & (segments[rows, cols - 1] != Segment.REJECTED)
     sources = torch.where(first_rejected, prompt_last[rows], cols - 1)
     if bool((sources < 0).any()):
         raise ValueError("a pair row has a rejected response but no prompt token before it")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datamodules.answerability import SEGMENT_CHOSEN, SEGMENT_PAD, SEGMENT_REJECTED
+from datamodules.batch_format import Segment
 from datamodules.records import atomic_write
 
 # Attention implementations that take a custom 4-D mask: a boolean one (SDPA) or an additive one (eager).
@@ -50,9 +50,9 @@ def pair_attention_mask(segments: torch.Tensor, implementation: str, dtype: torc
     """
     length = segments.shape[1]
     positions = torch.arange(length, device=segments.device)
-    valid = segments != SEGMENT_PAD
+    valid = segments != Segment.PAD
     allowed = (positions[:, None] >= positions[None, :]) & valid[:, None, :] & valid[:, :, None]
-    allowed &= ~((segments[:, :, None] == SEGMENT_REJECTED) & (segments[:, None, :] == SEGMENT_CHOSEN))
+    allowed &= ~((segments[:, :, None] == Segment.REJECTED) & (segments[:, None, :] == Segment.CHOSEN))
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device) & ~valid[:, :, None]
     allowed = allowed[:, None]
     if implementation in BOOLEAN_MASK_ATTENTION:
@@ -86,7 +86,7 @@ def pair_position_ids(llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     the chosen response's length: the prompt ends in text, whose positions step by one on every axis.
     """
     segments = batch["pair_segments"]
-    valid = segments != SEGMENT_PAD
+    valid = segments != Segment.PAD
     rope_index = _rope_index(llm)
     if rope_index is not None and "mm_token_type_ids" in batch:
         accepted = inspect.signature(rope_index).parameters
@@ -95,8 +95,8 @@ def pair_position_ids(llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         positions, _ = rope_index(batch["input_ids"], attention_mask=valid.long(), **extra)
     else:
         positions = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
-    chosen_length = (segments == SEGMENT_CHOSEN).sum(dim=1, keepdim=True)
-    shift = (segments == SEGMENT_REJECTED).long() * chosen_length
+    chosen_length = (segments == Segment.CHOSEN).sum(dim=1, keepdim=True)
+    shift = (segments == Segment.REJECTED).long() * chosen_length
     return positions - shift.to(positions.device)
 
 

@@ -45,6 +45,15 @@ def synthetic_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def processor():
+    """The embedded tiny model's processor (its sizes do not matter to the collator beyond the frame size)."""
+    from datamodules.shapes.questions import template_vocabulary
+    from lightning_modules.tiny import TinyArchitecture, build_tiny_processor
+
+    return build_tiny_processor(template_vocabulary(), TinyArchitecture())
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A saved tiny model with its processor, loaded by path like a hub checkpoint (the base of LoRA runs)."""

@@ -420,7 +420,7 @@ def test_a_misspelled_config_key_is_named_on_the_first_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[0] == ("error: data: Option 'batchsize' is not accepted "
-                                   "(datamodules.answerability.AnswerabilityDataModule)")
+                                   "(datamodules.shapes.datamodule.ShapesDataModule)")
     assert "usage:" not in err and len(err.splitlines()) < 20
     with pytest.raises(SystemExit):
         main(["fit", "-c", str(REPO / "configs/shapes/sft.yaml"), "--model.init_args.model.lora.rr=3"])
@@ -441,8 +441,9 @@ def test_a_missing_base_model_folder_is_one_line_naming_the_command_that_makes_i
 
 
 def test_user_records_without_a_val_file_are_never_replaced(tmp_path, cli_args, synthetic_data, capsys):
-    """The README's real-data steps: a data_dir holding the user's train.jsonl only. Without the synthetic
-    option `fit` names the missing file; with it, the builder refuses the folder. The file is unchanged."""
+    """The README's real-data steps: a data_dir holding the user's train.jsonl only. The real DataModule names
+    the missing file, and so does the synthetic world's without its synthetic option; with it, the builder
+    refuses the folder. The file is unchanged."""
     from main import main
 
     data = tmp_path / "mine"
@@ -455,8 +456,13 @@ def test_user_records_without_a_val_file_are_never_replaced(tmp_path, cli_args, 
     assert main(base) == 2
     assert error_line(capsys) == (
         f"error: {data / 'val.jsonl'}: no such record file (data.init_args.val_file; set it to null to go "
+        "without it)")
+    shapes = [*base, "--data=datamodules.shapes.datamodule.ShapesDataModule"]
+    assert main(shapes) == 2
+    assert error_line(capsys) == (
+        f"error: {data / 'val.jsonl'}: no such record file (data.init_args.val_file; set it to null to go "
         "without it or synthetic: true to build the synthetic world there)")
-    assert main([*base, "--data.init_args.synthetic=true"]) == 2
+    assert main([*shapes, "--data.init_args.synthetic=true"]) == 2
     assert error_line(capsys).startswith(f"error: {data} is not empty and was not built by synth")
     assert [p.name for p in data.iterdir()] == ["train.jsonl"] and train.read_bytes() == before
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.records import RecordError
+from datamodules.shapes.dataset import check_synthetic_folder
 from datamodules.shapes.world import COLOURS, MOTIONS, SHAPES, SIZES, Scene, shape_mask
 from datamodules.video import read_video
 
@@ -121,6 +122,7 @@ class SceneFramesDataModule(L.LightningDataModule):
         self.tensors: dict[str, TensorDataset] = {}
 
     def prepare_data(self) -> None:
+        """Check that `data_dir` holds a finished build of the synthetic world (it builds none)."""
         path = Path(self.hparams.data_dir) / "scenes.jsonl"
         if not path.exists():
             raise RecordError(
@@ -129,6 +131,7 @@ class SceneFramesDataModule(L.LightningDataModule):
                 None,
                 "no scenes file: build the synthetic dataset first (python -m datamodules synth --out DIR)",
             )
+        check_synthetic_folder(self.hparams.data_dir)
 
     def _load(self, split: str, max_clips: int | None) -> TensorDataset:
         root = Path(self.hparams.data_dir)

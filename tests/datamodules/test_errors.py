@@ -7,8 +7,9 @@ import pickle
 import pytest
 from torch.utils.data import DataLoader
 
-from datamodules.answerability import Example, ExampleDataset
+from datamodules.collation import Example
 from datamodules.errors import USER_ERRORS, UserError, user_error_message
+from datamodules.loading import ExampleDataset
 from datamodules.records import QARecord, RecordError
 from datamodules.shapes.dataset import SyntheticDatasetError
 from datamodules.sources.common import AnnotationError

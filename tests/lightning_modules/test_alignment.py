@@ -1,5 +1,6 @@
 """AlignmentModule through `main.py fit`: SFT and DPO smoke runs, the DPO reference, checkpoints that hold the
-trainable weights only and resume exactly, the exported adapter, label masking and the bad-pair errors.
+trainable weights only and resume exactly, the exported adapter and the learning-rate schedule (the
+DataModule's and the collator's own tests are in tests/datamodules/).
 
 Runs use the tiny LLaVA-NeXT-Video model (1-layer towers, width 32) on a 12-clip synthetic dataset; the
 shared fixtures are in tests/conftest.py.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -17,23 +17,10 @@ import lightning as L
 import pytest
 import torch
 from probes import CrashAt, SeenBatches, StopAfter
+from record_items import items_of
 
-from datamodules.answerability import (
-    IGNORE_INDEX,
-    SEGMENT_CHOSEN,
-    SEGMENT_PAD,
-    SEGMENT_PROMPT,
-    SEGMENT_REJECTED,
-    AnswerabilityDataModule,
-    ChatCollator,
-    EpochSeededSampler,
-    Example,
-)
-from datamodules.records import RecordError, read_records
-from datamodules.shapes.questions import template_vocabulary
-from datamodules.video import read_video
+from datamodules.collation import ChatCollator
 from lightning_modules.alignment import AlignmentModule, warmup_cosine
-from lightning_modules.tiny import TINY_CHAT_TEMPLATE, TinyArchitecture, build_tiny_processor
 from lightning_modules.video_llm import VideoLLMConfig, load_video_llm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -42,307 +29,12 @@ DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
                "logps/rejected")  # TRL's names, logged under train/ and val/
 
 
-@pytest.fixture(scope="module")
-def processor():
-    """The embedded tiny model's processor (its sizes do not matter to the collator beyond the frame size)."""
-    return build_tiny_processor(template_vocabulary(), TinyArchitecture())
-
-
-def items_of(data_dir: Path, ids: list[str] | None = None, split: str = "train", num_frames: int = 2):
-    """(Example, frames) pairs of the records of `split` with the given ids (default: all)."""
-    records, _ = read_records(data_dir / f"{split}.jsonl", data_dir)
-    if ids is not None:
-        by_id = {r.id: r for r in records}
-        records = [by_id[i] for i in ids]
-    return [
-        (Example(r, str(data_dir / r.video), r.rejected, str(data_dir / f"{split}.jsonl")),
-         read_video(data_dir / r.video, num_frames))
-        for r in records
-    ]
-
-
 def trainable_keys(module) -> set[str]:
     return {f"llm.{name}" for name, p in module.llm.named_parameters() if p.requires_grad}
 
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def record_rows(data_dir: Path, split: str = "train") -> list[dict]:
-    return [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()]
-
-
-# ------------------------------------------------------------------------------------------- collator
-def test_labels_cover_the_response_only(processor, synthetic_data):
-    """sft and dpo rows: a label on each response token and the end of turn; prompt, video tokens and left
-    padding are IGNORE_INDEX; dpo puts the chosen rows first, then the rejected rows."""
-    rows = record_rows(synthetic_data)
-    answerable = next(r for r in rows if r["answerable"])
-    unanswerable = next(r for r in rows if not r["answerable"])
-    items = items_of(synthetic_data, [answerable["id"], unanswerable["id"]])
-    tokenizer = processor.tokenizer
-
-    def check(batch, responses):
-        assert batch["labels"].shape == batch["input_ids"].shape
-        assert (batch["attention_mask"] == 0).any(), "rows of different lengths: some left padding"
-        for row, response in enumerate(responses):
-            labels, ids = batch["labels"][row], batch["input_ids"][row]
-            expected = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            kept = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
-            assert kept == list(range(len(labels) - len(expected), len(labels))), f"row {row}"
-            assert labels[kept].tolist() == expected == ids[kept].tolist()
-            assert tokenizer.unk_token_id not in ids.tolist()
-        assert (batch["labels"][batch["input_ids"] == processor.video_token_id] == IGNORE_INDEX).all()
-        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
-
-    answers = [answerable["answer"], unanswerable["answer"]]
-    check(ChatCollator(processor, "sft")(items), answers)
-    dpo = ChatCollator(processor, "dpo")(items)
-    assert dpo["input_ids"].shape[0] == 2 and dpo["ids"] == [answerable["id"], unanswerable["id"]]
-    # One row a pair: [prompt][chosen][rejected]; the labels cover both responses, which end the row.
-    pairs = zip(answers, (answerable, unanswerable), strict=True)
-    check(dpo, [f"{answer} </s> {record['rejected']}" for answer, record in pairs])
-    for row, record in enumerate((answerable, unanswerable)):
-        segments = dpo["pair_segments"][row]
-        rejected = len(tokenizer(record["rejected"], add_special_tokens=False)["input_ids"]) + 1
-        chosen = len(tokenizer(record["answer"], add_special_tokens=False)["input_ids"]) + 1
-        expected = [SEGMENT_CHOSEN] * chosen + [SEGMENT_REJECTED] * rejected
-        assert segments[-chosen - rejected :].tolist() == expected
-        assert (segments[dpo["attention_mask"][row] == 0] == SEGMENT_PAD).all()
-        prompt = segments[: -chosen - rejected][dpo["attention_mask"][row][: -chosen - rejected] == 1]
-        assert len(prompt) and (prompt == SEGMENT_PROMPT).all()
-
-
-def test_packed_conversations_label_every_answer_and_nothing_else(processor, synthetic_data):
-    """turns_per_example=3: questions about one clip become turns of one conversation (the clip in the first);
-    each answer and its end of turn is labelled, every question and the video tokens are not."""
-    data = AnswerabilityDataModule(str(synthetic_data), unanswerable_fraction=None, num_frames=2,
-                                   turns_per_example=3, processor=processor)
-    data.setup("fit")
-    train = data.datasets["train"]
-    assert max(len(e.follow_ups) for e in train.examples) == 2
-    assert all(f.video == e.record.video for e in train.examples for f in e.follow_ups)
-    asked = sorted(r.id for e in train.examples for r in (e.record, *e.follow_ups))
-    assert asked == sorted(r["id"] for r in record_rows(synthetic_data)), "every record once"
-    items = [train[i] for i in range(len(train)) if train.examples[i].follow_ups][:3]
-    collator = ChatCollator(processor, "sft")
-    batch = collator(items)
-    tokenizer = processor.tokenizer
-    # A later epoch reads the conversations' spans from the collator's cache, in another batch order.
-    again = collator(items[::-1])
-    for key in ("input_ids", "labels"):
-        assert torch.equal(again[key].flip(0), batch[key])
-
-    def answer_tokens(answer: str) -> list[int]:
-        return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-    for row, (example, _) in enumerate(items):
-        labels, ids = batch["labels"][row], batch["input_ids"][row]
-        kept = labels != IGNORE_INDEX
-        expected = []
-        for record in (example.record, *example.follow_ups):
-            expected += answer_tokens(record.answer)
-        assert labels[kept].tolist() == expected == ids[kept].tolist()
-        prompt_only = ChatCollator(processor, "generate")([items[row]])["input_ids"]
-        video = processor.video_token_id
-        assert (ids == video).sum() == (prompt_only == video).sum(), "one clip per conversation"
-    first, frames = items[0]
-    single = ChatCollator(processor, "sft")([(Example(first.record, first.video_path), frames)])["labels"][0]
-    assert single[single != IGNORE_INDEX].tolist() == answer_tokens(first.record.answer)
-    with pytest.raises(ValueError, match="turns_per_example must be 1 for DPO"):
-        AnswerabilityDataModule(str(synthetic_data), objective="dpo", turns_per_example=2,
-                                processor=processor).setup("fit")
-
-
-def test_over_long_prompt_is_an_error_naming_the_record(processor, synthetic_data):
-    """max_length below the video tokens: a RecordError naming the file and the record, never a cut prompt."""
-    items = items_of(synthetic_data)[:2]
-    video_tokens = int((ChatCollator(processor, "generate")(items)["input_ids"] == processor.video_token_id)
-                       .sum(dim=1).max())
-    first = items[0][0].record.id
-    for mode in ("sft", "dpo", "generate"):
-        with pytest.raises(RecordError, match=rf"train\.jsonl: field 'question': record '{first}'"
-                           rf".* over max_length={video_tokens - 1}"):
-            ChatCollator(processor, mode, max_length=video_tokens - 1)(items)
-
-    module = AnswerabilityDataModule(data_dir=str(synthetic_data), num_frames=2, batch_size=4, max_length=10,
-                                     processor=processor)
-    module.setup("fit")
-    with pytest.raises(RecordError, match=r"train\.jsonl: field 'question': record 'v\d+-q\d+'.*length=10"):
-        next(iter(module.train_dataloader()))
-
-
-def test_a_template_the_tokenizer_merges_across_is_an_error(synthetic_data):
-    """Response labels are placed by the token counts of the chat text up to each response; a template that
-    glues the response to the prompt ("ASSISTANTred" is one word, unknown) breaks that, and the collator says
-    so instead of labelling the wrong tokens."""
-    processor = build_tiny_processor(template_vocabulary(), TinyArchitecture())
-    processor.chat_template = TINY_CHAT_TEMPLATE.replace("ASSISTANT: ", "ASSISTANT").replace(
-        "ASSISTANT:{% endif %}", "ASSISTANT{% endif %}")
-    items = items_of(synthetic_data)[:2]
-    with pytest.raises(ValueError, match="does not tokenize as a prefix of its conversation"):
-        ChatCollator(processor, "sft")(items)
-    ChatCollator(build_tiny_processor(template_vocabulary(), TinyArchitecture()), "sft")(items)
-
-
-# ------------------------------------------------------------------------------------------ bad pairs
-def dpo_module(processor, data_dir: Path, train: Path, **kwargs) -> AnswerabilityDataModule:
-    return AnswerabilityDataModule(
-        data_dir=str(train.parent), train_file=train.name, val_file=None, test_file=None,
-        video_root=str(data_dir), objective="dpo", num_frames=2, processor=processor, **kwargs,
-    )
-
-
-def test_dpo_record_without_rejected_response_is_an_error(processor, synthetic_data, tmp_path):
-    rows = record_rows(synthetic_data)
-    rows[3]["rejected"] = None
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(RecordError) as error:
-        dpo_module(processor, synthetic_data, train).setup("fit")
-    assert error.value.path == str(train) and error.value.field == "rejected"
-    assert f"record {rows[3]['id']!r} has no rejected response" in str(error.value)
-
-
-def test_rejected_predictions_must_cover_every_record(processor, synthetic_data, tmp_path):
-    """A predictions file missing an id, or with an id of no record: an error naming the file and the id."""
-    rows = record_rows(synthetic_data)
-    unanswerable = [r["id"] for r in rows if not r["answerable"]]
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-
-    missing = write_jsonl(tmp_path / "missing.jsonl", [{"id": i, "response": "red"}
-                                                       for i in unanswerable[1:]])
-    with pytest.raises(RecordError) as error:
-        dpo_module(processor, synthetic_data, train, rejected_predictions=str(missing)).setup("fit")
-    assert error.value.path == str(missing) and error.value.field == "id"
-    assert f"no prediction for record {unanswerable[0]!r}" in str(error.value)
-
-    extra = [{"id": i, "response": "red"} for i in unanswerable] + [{"id": "nowhere-q9", "response": "red"}]
-    unknown = write_jsonl(tmp_path / "unknown.jsonl", extra)
-    with pytest.raises(RecordError, match=r"unknown\.jsonl: field 'id': prediction 'nowhere-q9' matches no"):
-        dpo_module(processor, synthetic_data, train, rejected_predictions=str(unknown)).setup("fit")
-
-    complete = write_jsonl(tmp_path / "complete.jsonl", extra[:-1])
-    module = dpo_module(processor, synthetic_data, train, rejected_predictions=str(complete))
-    module.setup("fit")
-    examples = module.datasets["train"].examples
-    assert {e.record.id: e.rejected for e in examples if not e.record.answerable} == dict.fromkeys(
-        unanswerable, "red")
-    assert all(e.rejected == e.record.rejected for e in examples if e.record.answerable)
-
-
-def test_pairs_without_preference_are_dropped_before_the_mix(processor, synthetic_data, tmp_path, caplog):
-    """On-policy rejected responses for every record: where the prediction is the gold answer there is no
-    preference, and the pair is dropped before mixing, so the trained pairs have the configured share of
-    unanswerable records; the log names the file and the count."""
-    rows = record_rows(synthetic_data)
-    answerable = [r for r in rows if r["answerable"]]
-    right = {r["id"] for r in answerable[: len(answerable) // 2]}  # "f0" answers half of them right
-    predictions = write_jsonl(tmp_path / "predictions.jsonl", [
-        {"id": r["id"], "response": r["answer"] if r["id"] in right else "a wrong answer"} for r in rows])
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    module = dpo_module(processor, synthetic_data, train, rejected_predictions=str(predictions),
-                        rejected_predictions_for="all", unanswerable_fraction=0.5)
-    with caplog.at_level(logging.WARNING):
-        module.setup("fit")
-    examples = module.datasets["train"].examples
-    assert module.skipped_pairs == len(right)
-    assert f"train.jsonl: skipped {len(right)} pairs whose rejected response is the" in caplog.text
-    assert not any(e.record.id in right for e in examples)
-    assert all(e.rejected == "a wrong answer" for e in examples)
-    kept_answerable = sum(e.record.answerable for e in examples)
-    assert kept_answerable == min(len(answerable) - len(right), len(rows) - len(answerable))
-    assert kept_answerable == len(examples) - kept_answerable  # the configured 0.5, not the files' share
-
-
-def test_max_train_samples_is_a_seeded_subset_of_the_mix(synthetic_data, processor):
-    """`max_train_samples` keeps a random subset of the mixed training set, the same for a seed, so that DPO's
-    reference pass covers just the trained pairs; validation keeps all its records."""
-    def train_ids(**kwargs):
-        module = AnswerabilityDataModule(data_dir=str(synthetic_data), num_frames=2, processor=processor,
-                                         unanswerable_fraction=0.4, **kwargs)
-        module.setup("fit")
-        return [e.record.id for e in module.datasets["train"].examples], len(module.datasets["val"])
-
-    everything, val_items = train_ids()
-    subset, subset_val_items = train_ids(max_train_samples=7)
-    assert len(subset) == 7 and len(set(subset)) == 7
-    assert set(subset) < set(everything)
-    assert subset == sorted(subset, key=everything.index), "kept in the mix's order"
-    assert train_ids(max_train_samples=7)[0] == subset
-    assert train_ids(max_train_samples=7, seed=1)[0] != subset
-    assert subset_val_items == val_items
-    assert train_ids(max_train_samples=10**6)[0] == everything
-    with pytest.raises(ValueError, match="max_train_samples must be at least 1"):
-        train_ids(max_train_samples=0)
-
-
-def test_training_order_depends_on_seed_and_epoch_only(synthetic_data, processor):
-    """The shuffled order is a function of (seed, epoch), so a resumed run sees the batches of an
-    uninterrupted one."""
-    module = AnswerabilityDataModule(data_dir=str(synthetic_data), num_frames=2, processor=processor)
-    module.setup("fit")
-    sampler = module.train_dataloader().sampler
-    assert isinstance(sampler, EpochSeededSampler)
-    first = list(sampler)
-    torch.manual_seed(123)  # the global RNG does not matter
-    assert list(sampler) == first and sorted(first) == list(range(len(first)))
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-
-
-def test_the_synthetic_world_is_built_only_when_asked_and_only_into_an_empty_folder(processor, tmp_path):
-    from datamodules.shapes.dataset import SyntheticDatasetError
-
-    data = tmp_path / "data"
-    settings = dict(data_dir=str(data), num_frames=2, synthetic_videos=4, processor=processor)
-    AnswerabilityDataModule(**settings).prepare_data()
-    assert not data.exists(), "not asked for: nothing built"
-    module = AnswerabilityDataModule(**settings, synthetic=True)
-    module.prepare_data()
-    assert {p.name for p in data.iterdir()} >= {"train.jsonl", "val.jsonl", "test.jsonl", "synth.json"}
-    train = (data / "train.jsonl").stat().st_mtime_ns
-    module.prepare_data()
-    assert (data / "train.jsonl").stat().st_mtime_ns == train, "a finished folder is used as it is"
-    module.setup("fit")
-    assert len(module.datasets["train"]) > 0
-
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "train.jsonl").write_bytes((data / "train.jsonl").read_bytes())
-    with pytest.raises(SyntheticDatasetError, match="not empty and was not built by synth"):
-        AnswerabilityDataModule(**{**settings, "data_dir": str(mine)}, synthetic=True).prepare_data()
-    assert [p.name for p in mine.iterdir()] == ["train.jsonl"]
-
-
-def test_an_interrupted_synthetic_build_is_refused_by_the_datamodule(processor, synthetic_data, tmp_path):
-    import shutil
-
-    from datamodules.shapes.dataset import SyntheticDatasetError
-
-    data = tmp_path / "data"
-    shutil.copytree(synthetic_data, data)
-    manifest = json.loads((data / "synth.json").read_text())
-    (data / "synth.json").write_text(json.dumps({**manifest, "complete": False}))
-    module = AnswerabilityDataModule(data_dir=str(data), num_frames=2, processor=processor)
-    with pytest.raises(SyntheticDatasetError, match="last synth build was interrupted.*rerun it to finish"):
-        module.setup("fit")
-
-
-def test_a_mix_that_leaves_no_records_is_an_error_naming_the_file(processor, synthetic_data, tmp_path):
-    rows = [r for r in record_rows(synthetic_data) if not r["answerable"]]
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    module = AnswerabilityDataModule(data_dir=str(tmp_path), train_file=str(train), val_file=None,
-                                     video_root=str(synthetic_data), unanswerable_fraction=0.0, num_frames=2,
-                                     processor=processor)
-    with pytest.raises(RecordError, match=r"train\.jsonl: no records left for train_file after "
-                       r"unanswerable_fraction=0\.0"):
-        module.setup("fit")
 
 
 # --------------------------------------------------------------------------------------------- fit

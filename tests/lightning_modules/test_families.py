@@ -15,15 +15,9 @@ import pytest
 import torch
 from tiny_families import EXTRA_WORDS, FAMILIES, TEST_TEMPLATES, real_template
 
-from datamodules.answerability import (
-    IGNORE_INDEX,
-    SEGMENT_CHOSEN,
-    SEGMENT_PROMPT,
-    SEGMENT_REJECTED,
-    ChatCollator,
-    Example,
-    ExampleDataset,
-)
+from datamodules.batch_format import IGNORE_INDEX, Segment
+from datamodules.collation import ChatCollator, Example
+from datamodules.loading import ExampleDataset
 from datamodules.records import REFUSAL_OPENING, QARecord
 from datamodules.shapes.questions import template_vocabulary
 from datamodules.shapes.world import WorldConfig, sample_scene, write_clip
@@ -156,11 +150,11 @@ def test_labels_end_with_the_end_of_turn_token_whatever_the_template(family, tem
     pairs = ChatCollator(processor, "dpo")(items)
     for row, record in enumerate(RECORDS):  # one row per pair: [prompt][chosen][rejected]
         labels, segments = pairs["labels"][row], pairs["pair_segments"][row]
-        for segment, response in ((SEGMENT_CHOSEN, record.answer), (SEGMENT_REJECTED, record.rejected)):
+        for segment, response in ((Segment.CHOSEN, record.answer), (Segment.REJECTED, record.rejected)):
             span = segments == segment
             assert (labels[span] != IGNORE_INDEX).all(), f"row {row}: unscored {segment} tokens"
             assert labels[span].tolist() == response_ids(tokenizer, response)
-        assert (labels[segments == SEGMENT_PROMPT] == IGNORE_INDEX).all()
+        assert (labels[segments == Segment.PROMPT] == IGNORE_INDEX).all()
     batch = collator(items)
     for row, answer in enumerate(answers):
         scored = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()

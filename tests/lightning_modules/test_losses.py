@@ -322,10 +322,9 @@ def test_pair_logps_scores_each_response_from_its_own_context():
     them, the first rejected token by the last prompt token's (not the last chosen token's), the second
     rejected token by the first rejected token's; chosen first, then rejected, as sequence_logps of the
     rows [prompt][chosen] and [prompt][rejected]."""
-    from datamodules.answerability import SEGMENT_CHOSEN as C
-    from datamodules.answerability import SEGMENT_PAD as P0
-    from datamodules.answerability import SEGMENT_PROMPT as P
-    from datamodules.answerability import SEGMENT_REJECTED as R
+    from datamodules.batch_format import Segment
+
+    P0, P, C, R = Segment.PAD, Segment.PROMPT, Segment.CHOSEN, Segment.REJECTED
 
     torch.manual_seed(0)
     logits = torch.randn(1, 7, 5, dtype=torch.float64, requires_grad=True)
@@ -351,9 +350,9 @@ def test_pair_logps_scores_each_response_from_its_own_context():
 
 
 def test_pair_logps_batches_rows_and_checks_shapes():
-    from datamodules.answerability import SEGMENT_CHOSEN as C
-    from datamodules.answerability import SEGMENT_PROMPT as P
-    from datamodules.answerability import SEGMENT_REJECTED as R
+    from datamodules.batch_format import Segment
+
+    P, C, R = Segment.PROMPT, Segment.CHOSEN, Segment.REJECTED
 
     logits = torch.randn(2, 4, 3)
     segments = torch.tensor([[P, C, R, R], [P, P, C, R]])

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from datamodules.answerability import AnswerabilityDataModule, ChatCollator, Example
+from datamodules.answerability import AnswerabilityDataModule
+from datamodules.collation import ChatCollator, Example
 from datamodules.records import RecordError, read_records
 from datamodules.video import read_video
 from lightning_modules.alignment import AlignmentModule

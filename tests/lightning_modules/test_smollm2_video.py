@@ -15,14 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.answerability import (
-    IGNORE_INDEX,
-    SEGMENT_CHOSEN,
-    SEGMENT_PROMPT,
-    SEGMENT_REJECTED,
-    ChatCollator,
-    Example,
-)
+from datamodules.batch_format import IGNORE_INDEX, Segment
+from datamodules.collation import ChatCollator, Example
 from datamodules.records import read_records
 from datamodules.video import read_clip
 from lightning_modules.smollm2_video import (
@@ -89,8 +83,8 @@ def test_processor_has_smollm2_template_and_labels_end_with_end_of_turn(syntheti
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     for row, (example, _) in enumerate(items):
         labels, segments = pairs["labels"][row], pairs["pair_segments"][row]
-        assert (labels[segments == SEGMENT_PROMPT] == IGNORE_INDEX).all()
-        spans = ((SEGMENT_CHOSEN, example.record.answer), (SEGMENT_REJECTED, example.rejected))
+        assert (labels[segments == Segment.PROMPT] == IGNORE_INDEX).all()
+        spans = ((Segment.CHOSEN, example.record.answer), (Segment.REJECTED, example.rejected))
         for segment, response in spans:
             expected = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
             assert labels[segments == segment].tolist() == expected, (row, segment, response)

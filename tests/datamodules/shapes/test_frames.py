@@ -103,3 +103,16 @@ def test_a_missing_scenes_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(RecordError, match="scenes.jsonl.*build the synthetic dataset"):
         SceneFramesDataModule(str(tmp_path)).prepare_data()
+
+
+def test_an_interrupted_synthetic_build_is_refused(synthetic_data, tmp_path):
+    import shutil
+
+    from datamodules.shapes.dataset import SyntheticDatasetError
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    manifest = json.loads((data / "synth.json").read_text())
+    (data / "synth.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(SyntheticDatasetError, match="last synth build was interrupted.*rerun it to finish"):
+        SceneFramesDataModule(str(data)).prepare_data()
