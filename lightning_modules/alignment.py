@@ -42,7 +42,7 @@ from lightning_modules.video_llm import (
 )
 from lightning_modules.video_llm import disable_dropout as _disable_dropout
 from metrics.judges import Judge
-from metrics.report import flat_metrics
+from metrics.runs import flat_metrics
 
 log = logging.getLogger(__name__)
 

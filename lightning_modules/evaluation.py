@@ -26,14 +26,10 @@ from metrics.answerability import (
     category_ids,
 )
 from metrics.judges import ExactMatchJudge, Judge, JudgeItem, Judgement
-from metrics.report import (
-    ALIGNMENT,
-    log_to_wandb,
-    paired_rows,
-    prediction_row,
-    report_metrics,
-    write_reports,
-)
+from metrics.names import ALIGNMENT
+from metrics.report import write_reports
+from metrics.runs import paired_rows, prediction_row, report_metrics
+from metrics.wandb_charts import log_to_wandb
 
 
 class AnswerabilityEvaluator(torch.nn.Module):

@@ -5,7 +5,6 @@ This package imports `datamodules` (the record files, categories and gold refusa
 """
 
 from metrics.answerability import (
-    HIGHER_IS_BETTER,
     AnswerabilityAUROC,
     AnswerabilityMetrics,
     PairedAnswerabilityMetrics,
@@ -23,17 +22,11 @@ from metrics.judges import (
     Judgement,
     LexicalJudge,
 )
+from metrics.names import HIGHER_IS_BETTER
 from metrics.refusal import is_refusal, reason_ok
-from metrics.report import (
-    combine_metrics_table,
-    flat_metrics,
-    log_to_wandb,
-    metrics_from_predictions,
-    paired_rows,
-    prediction_row,
-    report_metrics,
-    write_reports,
-)
+from metrics.report import combine_metrics_table, write_reports
+from metrics.runs import flat_metrics, metrics_from_predictions, paired_rows, prediction_row, report_metrics
+from metrics.wandb_charts import log_to_wandb
 
 __all__ = [
     "HIGHER_IS_BETTER",

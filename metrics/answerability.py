@@ -34,7 +34,8 @@ score against the label "not answerable"; ``answerability_auroc/<category>`` ran
 unanswerable items against all answerable items. 0.5 means refusal does not depend on the input.
 
 Each class is a thin shell over functional helpers (`answerability_scores`, `alignment_scores`,
-`answerability_auroc`), which `metrics.report` also uses to recompute the scores from predictions.jsonl.
+`answerability_auroc`), which `metrics.runs` also uses to recompute the scores from predictions.jsonl. The
+scores' keys and directions are defined in `metrics.names`.
 """
 
 from __future__ import annotations
@@ -48,9 +49,22 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.records import CATEGORIES  # a category's index is its id here (-1: answerable or unknown)
+from metrics.names import (
+    ANSWERABILITY_AUROC,
+    ANSWERABLE_ACCURACY,
+    DISCRETION,
+    EXCESSIVE_REFUSAL,
+    OVER_REFUSAL_RATE,
+    OVERALL_ACCURACY,
+    PERMISSIVENESS,
+    REASON_ACCURACY,
+    UNANSWERABLE_ACCURACY,
+    UNANSWERABLE_F1,
+    UNANSWERABLE_PRECISION,
+    UNANSWERABLE_RECALL,
+)
 
 __all__ = [
-    "HIGHER_IS_BETTER",
     "AnswerabilityAUROC",
     "AnswerabilityMetrics",
     "PairedAnswerabilityMetrics",
@@ -59,25 +73,6 @@ __all__ = [
     "answerability_scores",
     "category_ids",
 ]
-
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "answerable_accuracy": True,
-    "over_refusal_rate": False,
-    "unanswerable_accuracy": True,
-    **{f"unanswerable_accuracy/{c}": True for c in CATEGORIES},
-    "reason_accuracy": True,
-    "unanswerable_precision": True,
-    "unanswerable_recall": True,
-    "unanswerable_f1": True,
-    "overall_accuracy": True,
-    "answerability_auroc": True,
-    **{f"answerability_auroc/{c}": True for c in CATEGORIES},
-    "excessive_refusal": False,
-    "permissiveness": True,
-    "discretion": True,
-}
-"""Direction of every score key (denominators have none)."""
-
 
 def category_ids(categories: Sequence[str | None]) -> Tensor:
     """Category names (None for answerable items) as the long tensor the metrics take."""
@@ -162,17 +157,18 @@ def _answerability_compute(s: dict[str, Tensor]) -> dict[str, Tensor]:
     fp = s["answerable_refused"]
     fn = s["unanswerable_total"] - tp
     out = {
-        "answerable_accuracy": _ratio(s["answerable_correct"], s["answerable_total"]),
-        "over_refusal_rate": _ratio(fp, s["answerable_total"]),
-        "unanswerable_accuracy": _ratio(tp, s["unanswerable_total"]),
+        ANSWERABLE_ACCURACY.key: _ratio(s["answerable_correct"], s["answerable_total"]),
+        OVER_REFUSAL_RATE.key: _ratio(fp, s["answerable_total"]),
+        UNANSWERABLE_ACCURACY.key: _ratio(tp, s["unanswerable_total"]),
     }
     for i, name in enumerate(CATEGORIES):
-        out[f"unanswerable_accuracy/{name}"] = _ratio(s["category_refused"][i], s["category_total"][i])
-    out["reason_accuracy"] = _ratio(s["reason_correct"], s["reason_total"])
-    out["unanswerable_precision"] = _ratio(tp, tp + fp)
-    out["unanswerable_recall"] = _ratio(tp, tp + fn)
-    out["unanswerable_f1"] = _ratio(2 * tp, 2 * tp + fp + fn)
-    out["overall_accuracy"] = _ratio(
+        refused, total = s["category_refused"][i], s["category_total"][i]
+        out[UNANSWERABLE_ACCURACY.category_key(name)] = _ratio(refused, total)
+    out[REASON_ACCURACY.key] = _ratio(s["reason_correct"], s["reason_total"])
+    out[UNANSWERABLE_PRECISION.key] = _ratio(tp, tp + fp)
+    out[UNANSWERABLE_RECALL.key] = _ratio(tp, tp + fn)
+    out[UNANSWERABLE_F1.key] = _ratio(2 * tp, 2 * tp + fp + fn)
+    out[OVERALL_ACCURACY.key] = _ratio(
         s["answerable_correct"] + tp, s["answerable_total"] + s["unanswerable_total"]
     )
     return out
@@ -210,15 +206,15 @@ class AnswerabilityMetrics(Metric):
         ...     reason_ok=torch.tensor([False, False, True, False]),
         ... )
         >>> scores = metric.compute()
-        >>> keys = ("answerable_accuracy", "over_refusal_rate", "unanswerable_f1")
+        >>> keys = (ANSWERABLE_ACCURACY.key, OVER_REFUSAL_RATE.key, UNANSWERABLE_F1.key)  # metrics.names
         >>> [round(scores[k].item(), 3) for k in keys]
         [0.5, 0.5, 0.5]
-        >>> scores["unanswerable_accuracy/object"].item(), scores["unanswerable_accuracy/relation"].item()
-        (1.0, nan)
+        >>> [scores[UNANSWERABLE_ACCURACY.category_key(c)].item() for c in ("object", "relation")]
+        [1.0, nan]
     """
 
     is_differentiable = False
-    higher_is_better = None  # a dict of scores with both directions; see HIGHER_IS_BETTER
+    higher_is_better = None  # a dict of scores with both directions; see metrics.names.HIGHER_IS_BETTER
     full_state_update = False
 
     answerable_total: Tensor
@@ -269,9 +265,9 @@ class AnswerabilityMetrics(Metric):
 
 _PAIRED = {
     # score: (numerator state, denominator state)
-    "excessive_refusal": ("before_correct_after_refused", "before_correct"),
-    "permissiveness": ("before_refused_after_correct", "before_refused"),
-    "discretion": ("before_answered_after_refused", "before_answered"),
+    EXCESSIVE_REFUSAL: ("before_correct_after_refused", "before_correct"),
+    PERMISSIVENESS: ("before_refused_after_correct", "before_refused"),
+    DISCRETION: ("before_answered_after_refused", "before_answered"),
 }
 
 
@@ -302,8 +298,8 @@ def _paired_update(
 def _paired_compute(s: dict[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for score, (numerator, denominator) in _PAIRED.items():
-        out[score] = _ratio(s[numerator], s[denominator])
-        out[f"{score}/denominator"] = s[denominator].float()
+        out[score.key] = _ratio(s[numerator], s[denominator])
+        out[score.denominator_key] = s[denominator].float()
     return out
 
 
@@ -344,7 +340,7 @@ class PairedAnswerabilityMetrics(Metric):
     """
 
     is_differentiable = False
-    higher_is_better = None  # excessive_refusal is lower-is-better, the others higher; see HIGHER_IS_BETTER
+    higher_is_better = None  # excessive_refusal is lower-is-better, the others higher (metrics.names)
     full_state_update = False
 
     before_correct: Tensor
@@ -400,11 +396,11 @@ def answerability_auroc(
     and per category (that category's unanswerable items against all answerable items)."""
     scores = torch.as_tensor(scores).reshape(-1).double()
     answerable = _flags("answerable", answerable, scores.numel())
-    out = {"answerability_auroc": _auroc(scores[~answerable], scores[answerable])}
+    out = {ANSWERABILITY_AUROC.key: _auroc(scores[~answerable], scores[answerable])}
     if category is not None:
         category = torch.as_tensor(category, device=answerable.device).reshape(-1).long()
         for i, name in enumerate(CATEGORIES):
-            out[f"answerability_auroc/{name}"] = _auroc(
+            out[ANSWERABILITY_AUROC.category_key(name)] = _auroc(
                 scores[~answerable & (category == i)], scores[answerable]
             )
     return out

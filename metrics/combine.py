@@ -11,48 +11,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from datamodules.records import atomic_write
+from datamodules.records import CATEGORIES, atomic_write
 from metrics.figures import evaluation_from_combined, write_figures
-from metrics.report import ALIGNMENT, combine_metrics_table
-
-TABLE_KEYS = (
-    "answerable_accuracy",
-    "unanswerable_accuracy/object",
-    "unanswerable_accuracy/relation",
-    "unanswerable_accuracy/attribute",
-    "reason_accuracy",
-    "unanswerable_f1",
-    "answerability_auroc",
-    "excessive_refusal",
-    "permissiveness",
-    "discretion",
+from metrics.names import (
+    AFTER,
+    ALIGNMENT,
+    ALIGNMENT_SCORE_KEYS,
+    ANSWERABILITY_AUROC,
+    ANSWERABLE_ACCURACY,
+    BEFORE,
+    REASON_ACCURACY,
+    UNANSWERABLE_ACCURACY,
+    UNANSWERABLE_F1,
 )
+from metrics.report import combine_metrics_table
+from metrics.runs import METRICS_FILE, float_scores, read_metrics, to_plain
 
-
-def _number(value: Any) -> float:
-    return float("nan") if value is None else float(value)
+TABLE_KEYS: tuple[str, ...] = (
+    ANSWERABLE_ACCURACY.key,
+    *(UNANSWERABLE_ACCURACY.category_key(c) for c in CATEGORIES),
+    REASON_ACCURACY.key,
+    UNANSWERABLE_F1.key,
+    ANSWERABILITY_AUROC.key,
+    *ALIGNMENT_SCORE_KEYS,
+)
+"""The columns of the combined table (report.md)."""
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, float], dict[str, float]]:
     """(scores before alignment, scores after it with the alignment scores) from a run's metrics.json."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.json (run `python main.py test` for this run first)")
-    metrics = json.loads(path.read_text())
-    if not all(isinstance(metrics.get(k), Mapping) for k in ("before", "after", ALIGNMENT)):
+    metrics = read_metrics(run_dir)
+    if not all(isinstance(metrics.get(k), Mapping) for k in (BEFORE, AFTER, ALIGNMENT)):
+        path = Path(run_dir) / METRICS_FILE
         raise ValueError(
             f"{path}: no scores before alignment (before, after, {ALIGNMENT}); test a LoRA model or give "
             "before_predictions"
         )
-    before = {k: _number(v) for k, v in metrics["before"].items()}
-    after = {k: _number(v) for k, v in {**metrics["after"], **metrics[ALIGNMENT]}.items()}
-    return before, after
+    return float_scores(metrics[BEFORE]), float_scores({**metrics[AFTER], **metrics[ALIGNMENT]})
 
 
 def combine(runs: Mapping[str, str | Path], seconds: float | None = None) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def combine(runs: Mapping[str, str | Path], seconds: float | None = None) -> dic
     report: dict[str, Any] = {}
     for name, run_dir in runs.items():
         before, after = load_run(run_dir)
-        report.setdefault("before", before)
+        report.setdefault(BEFORE, before)
         report[name] = after
     report["seconds"] = seconds
     return report
@@ -74,14 +74,7 @@ def write_combined(
     the runs' predictions.jsonl from `runs`, roc.png and by_form.png); returns the Markdown table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plain = {
-        k: (
-            {m: (None if math.isnan(v) else v) for m, v in vals.items()}
-            if isinstance(vals, Mapping)
-            else vals
-        )
-        for k, vals in report.items()
-    }
+    plain = {k: to_plain(v) if isinstance(v, Mapping) else v for k, v in report.items()}
     atomic_write(out / "report.json", json.dumps(plain, indent=2) + "\n")
     table = combine_metrics_table({k: v for k, v in report.items() if k != "seconds"}, keys=TABLE_KEYS)
     seconds = report.get("seconds")

@@ -13,9 +13,22 @@ import json
 import sys
 from typing import Any
 
-from metrics.answerability import CATEGORIES
-from metrics.names import AFTER, ALIGNMENT, BEFORE, summary_key
-from metrics.report import ALIGNMENT_SCORE_KEYS
+from datamodules.records import CATEGORIES
+from metrics.names import (
+    AFTER,
+    ALIGNMENT,
+    ALIGNMENT_SCORES,
+    ANSWERABILITY_AUROC,
+    ANSWERABLE_ACCURACY,
+    BEFORE,
+    DISCRETION,
+    EXCESSIVE_REFUSAL,
+    OVER_REFUSAL_RATE,
+    OVERALL_ACCURACY,
+    PERMISSIVENESS,
+    UNANSWERABLE_ACCURACY,
+    summary_key,
+)
 from metrics.wandb_charts import ROC_GROUPS, chart_keys
 
 __all__ = ["DPO_CURVES", "build_workspace", "main", "panel_keys"]
@@ -40,8 +53,8 @@ def build_workspace(entity: str, project: str, name: str = "Answerability", pref
     import wandb_workspaces.workspaces as ws
 
     charts = chart_keys(prefix)
-    alignment = [summary_key(prefix, ALIGNMENT, s) for s in ("permissiveness", "discretion")]
-    denominators = [summary_key(prefix, ALIGNMENT, f"{s}/denominator") for s in ALIGNMENT_SCORE_KEYS]
+    alignment = [s.summary_key(prefix) for s in (PERMISSIVENESS, DISCRETION)]
+    denominators = [summary_key(prefix, ALIGNMENT, s.denominator_key) for s in ALIGNMENT_SCORES]
     sections = [
         ws.Section(name="Training", is_open=True, panels=[
             wr.LinePlot(title="Loss", x=STEP, y=["train/loss", "val/loss"]),
@@ -49,20 +62,20 @@ def build_workspace(entity: str, project: str, name: str = "Answerability", pref
         ]),
         ws.Section(name="Before → after alignment", is_open=True, panels=[
             wr.BarPlot(title="Accuracy (higher is better)", metrics=_both(
-                prefix, "answerable_accuracy", "unanswerable_accuracy", "overall_accuracy")),
+                prefix, ANSWERABLE_ACCURACY.key, UNANSWERABLE_ACCURACY.key, OVERALL_ACCURACY.key)),
             wr.BarPlot(title="Refusing without need (lower is better)", metrics=[
-                *_both(prefix, "over_refusal_rate"), summary_key(prefix, ALIGNMENT, "excessive_refusal")]),
+                *_both(prefix, OVER_REFUSAL_RATE.key), EXCESSIVE_REFUSAL.summary_key(prefix)]),
             wr.BarPlot(title="Permissiveness and discretion (higher is better; no bar: undefined)",
                        metrics=alignment),
             wr.BarPlot(title="Items behind each alignment score (0: the score is undefined)",
                        metrics=denominators),
             wr.BarPlot(title="Unanswerable accuracy by category", metrics=_both(
-                prefix, *(f"unanswerable_accuracy/{c}" for c in CATEGORIES))),
+                prefix, *(UNANSWERABLE_ACCURACY.category_key(c) for c in CATEGORIES))),
             wr.BarPlot(title="Answerability AUROC by category", metrics=_both(
-                prefix, "answerability_auroc", *(f"answerability_auroc/{c}" for c in CATEGORIES))),
+                prefix, ANSWERABILITY_AUROC.key, *(ANSWERABILITY_AUROC.category_key(c) for c in CATEGORIES))),
             wr.ScatterPlot(title="Trade-off across runs (after alignment)",
-                           x=summary_key(prefix, AFTER, "answerable_accuracy"),
-                           y=summary_key(prefix, AFTER, "unanswerable_accuracy")),
+                           x=ANSWERABLE_ACCURACY.summary_key(prefix),
+                           y=UNANSWERABLE_ACCURACY.summary_key(prefix)),
         ]),
         ws.Section(name="Refusal likelihood ROC", is_open=True, panels=[
             _chart(wr, charts[f"roc/{group}"], "wandb/area-under-curve/v0",
@@ -71,7 +84,7 @@ def build_workspace(entity: str, project: str, name: str = "Answerability", pref
         ]),
         ws.Section(name="This run's scores", is_open=True, panels=[
             _chart(wr, charts["tradeoff"], "wandb/scatter/v0",
-                   {"x": "answerable_accuracy", "y": "unanswerable_accuracy"}, "Trade-off per model"),
+                   {"x": ANSWERABLE_ACCURACY.key, "y": UNANSWERABLE_ACCURACY.key}, "Trade-off per model"),
             *(_chart(wr, charts[f"scores/{direction}_is_better"], "wandb/bar/v0",
                      {"label": "score", "value": "value"}, f"{direction.capitalize()} is better")
               for direction in ("higher", "lower")),

@@ -16,7 +16,6 @@ forms) is not written, and a stale one from an earlier run in the same folder is
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,24 +24,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamodules.records import atomic_write, read_predictions
-from metrics.answerability import CATEGORIES, HIGHER_IS_BETTER
-from metrics.names import AFTER, ALIGNMENT, BEFORE
-from metrics.report import ALIGNMENT_SCORE_KEYS, SCORE_KEYS
+from datamodules.records import CATEGORIES, atomic_write
+from metrics.names import (
+    AFTER,
+    ALIGNMENT,
+    ALIGNMENT_SCORE_KEYS,
+    ALIGNMENT_SCORES,
+    ANSWERABLE_ACCURACY,
+    BEFORE,
+    HIGHER_IS_BETTER,
+    MODELS,
+    SCORE_KEYS,
+    UNANSWERABLE_ACCURACY,
+    denominator_name,
+)
+from metrics.runs import (
+    PREDICTIONS_FILE,
+    alignment_denominators,
+    denominators,
+    float_scores,
+    form_accuracy,
+    read_metrics,
+    read_rows,
+    rows_by_model,
+)
 
 __all__ = [
     "FIGURES",
     "Evaluation",
     "by_form_figure",
-    "denominator_name",
-    "denominators",
     "evaluation_from_combined",
     "evaluation_from_run",
     "evaluation_from_test",
-    "form_accuracy",
     "model_denominators",
     "roc_curves",
-    "rows_by_model",
     "roc_figure",
     "score_keys",
     "scores_figure",
@@ -98,44 +113,6 @@ class Evaluation:
         return COLORS[others.index(model) % len(COLORS)] if model in others else COLORS[-1]
 
 
-def _float(value: Any) -> float:
-    if value is None:
-        return math.nan
-    if hasattr(value, "item"):
-        value = value.item()
-    return float(value)
-
-
-def _floats(scores: Mapping[str, Any]) -> dict[str, float]:
-    return {k: _float(v) for k, v in scores.items() if not isinstance(v, Mapping)}
-
-
-MODEL_FIELDS_NEEDED = ("refused", "correct")
-
-
-def rows_by_model(rows: Sequence[Mapping[str, Any]], source: str = "predictions") -> dict[str, list[dict]]:
-    """Flat single-model rows per model: a paired row's item fields with each model's own fields ("before"
-    and "after"), a single-model row as "after". Raises ValueError naming `source`, the
-    record and the field when a row lacks what the figures read."""
-    paired = bool(rows) and isinstance(rows[0].get(AFTER), Mapping)
-    models = [m for m in (BEFORE, AFTER) if isinstance(rows[0].get(m), Mapping)] if paired else [AFTER]
-    out: dict[str, list[dict]] = {m: [] for m in models}
-    for number, row in enumerate(rows, start=1):
-        where = f"{source}, record {row.get('id', f'#{number}')!r}"
-        if "answerable" not in row:
-            raise ValueError(f"{where}: field 'answerable': missing")
-        for model in models:
-            fields = row.get(model) if paired else row
-            if not isinstance(fields, Mapping):
-                raise ValueError(f"{where}: field {model!r}: missing (other rows have it)")
-            for name in MODEL_FIELDS_NEEDED:
-                if name not in fields:
-                    raise ValueError(f"{where}: field {(model + '.' if paired else '') + name!r}: missing")
-            item = {k: v for k, v in row.items() if not isinstance(v, Mapping)}
-            out[model].append({**item, **fields} if paired else item)
-    return out
-
-
 def evaluation_from_test(
     metrics: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]] | None = None,
@@ -145,10 +122,10 @@ def evaluation_from_test(
     """A `test` run's metrics (``{"before", "after", "alignment"}`` or ``{"after"}``) and prediction rows
     (`source` names them in errors)."""
     groups = {k: v for k, v in metrics.items() if isinstance(v, Mapping)}
-    models = [m for m in (BEFORE, AFTER) if m in groups]
+    models = [m for m in MODELS if m in groups]
     evaluation = Evaluation(
-        scores={m: _floats(groups[m]) for m in models},
-        alignment={AFTER: _floats(groups[ALIGNMENT])} if ALIGNMENT in groups else {},
+        scores={m: float_scores(groups[m]) for m in models},
+        alignment={AFTER: float_scores(groups[ALIGNMENT])} if ALIGNMENT in groups else {},
         before=BEFORE if BEFORE in groups else None,
         title=title,
     )
@@ -160,17 +137,9 @@ def evaluation_from_test(
 def evaluation_from_run(run_dir: str | os.PathLike, title: str | None = None) -> Evaluation:
     """A tested run folder's metrics.json and (when present) predictions.jsonl."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.json (run `python main.py test` for this run first)")
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
-    predictions = run_dir / "predictions.jsonl"
-    rows = read_predictions(predictions) if predictions.is_file() else None
+    metrics, rows = read_metrics(run_dir), read_rows(run_dir)
     title = title or f"Answerability report: {run_dir.name}"
-    return evaluation_from_test(metrics, rows, title=title, source=str(predictions))
+    return evaluation_from_test(metrics, rows, title=title, source=str(run_dir / PREDICTIONS_FILE))
 
 
 def evaluation_from_combined(
@@ -181,22 +150,21 @@ def evaluation_from_combined(
     """The combined demo report (``{"before": scores, <run>: after and alignment scores, "seconds": N}``, see
     `metrics.combine`), with each run's predictions.jsonl from `run_dirs` (the first run's gives "before")."""
     before_name = BEFORE if BEFORE in report else None
-    alignment_keys = set(ALIGNMENT_SCORE_KEYS) | {f"{k}/denominator" for k in ALIGNMENT_SCORE_KEYS}
+    alignment_keys = {key for score in ALIGNMENT_SCORES for key in (score.key, score.denominator_key)}
     evaluation = Evaluation(scores={}, before=BEFORE if before_name else None, title=title)
     if before_name is not None:
-        evaluation.scores[BEFORE] = _floats(report[before_name])
+        evaluation.scores[BEFORE] = float_scores(report[before_name])
     for name, values in report.items():
         if name == before_name or not isinstance(values, Mapping):
             continue
-        evaluation.scores[name] = _floats({k: v for k, v in values.items() if k not in alignment_keys})
-        aligned = _floats({k: v for k, v in values.items() if k in alignment_keys})
+        evaluation.scores[name] = float_scores({k: v for k, v in values.items() if k not in alignment_keys})
+        aligned = float_scores({k: v for k, v in values.items() if k in alignment_keys})
         if aligned:
             evaluation.alignment[name] = aligned
     for index, (name, run_dir) in enumerate((run_dirs or {}).items()):
-        predictions = Path(run_dir) / "predictions.jsonl"
-        if not predictions.is_file() or name not in evaluation.scores:
+        if name not in evaluation.scores or (rows := read_rows(run_dir)) is None:
             continue
-        run_rows = rows_by_model(read_predictions(predictions), str(predictions))
+        run_rows = rows_by_model(rows, str(Path(run_dir) / PREDICTIONS_FILE))
         if AFTER in run_rows:
             evaluation.rows[name] = run_rows[AFTER]
         if index == 0 and BEFORE in run_rows and before_name is not None:
@@ -208,68 +176,15 @@ def evaluation_from_combined(
 # Denominators
 
 
-def denominator_name(key: str, before: str) -> str:
-    base, _, category = key.partition("/")
-    names = {
-        "answerable_accuracy": "answerable items",
-        "over_refusal_rate": "answerable items",
-        "unanswerable_accuracy": f"unanswerable {category} items" if category else "unanswerable items",
-        "reason_accuracy": "unanswerable items",
-        "unanswerable_recall": "unanswerable items",
-        "unanswerable_precision": "refusals",
-        "unanswerable_f1": "refusals or unanswerable items",
-        "overall_accuracy": "items",
-        "answerability_auroc": (
-            f"unanswerable {category} x answerable pairs" if category else "unanswerable x answerable pairs"
-        ),
-        "excessive_refusal": f"answerable items {before} answered correctly",
-        "permissiveness": f"answerable items {before} refused",
-        "discretion": f"unanswerable items {before} answered",
-    }
-    return names.get(base, "items")
-
-
-def denominators(
-    rows: Sequence[Mapping[str, Any]], before_rows: Sequence[Mapping[str, Any]] | None = None
-) -> dict[str, int]:
-    """The denominator of every score of a model from its flat prediction rows (docs/design.md section 6);
-    the alignment scores' need the rows of the model before alignment too (same items, any order)."""
-    a = [r for r in rows if r["answerable"]]
-    u = [r for r in rows if not r["answerable"]]
-    refused = sum(bool(r["refused"]) for r in rows)
-    out = {
-        "answerable_accuracy": len(a),
-        "over_refusal_rate": len(a),
-        "unanswerable_accuracy": len(u),
-        "reason_accuracy": len(u),
-        "unanswerable_recall": len(u),
-        "unanswerable_precision": refused,
-        "unanswerable_f1": refused + len(u),  # 2 TP + FP + FN = (TP + FP) + (TP + FN)
-        "overall_accuracy": len(rows),
-        "answerability_auroc": len(u) * len(a),
-    }
-    for category in CATEGORIES:
-        n = sum(r.get("category") == category for r in u)
-        out[f"unanswerable_accuracy/{category}"] = n
-        out[f"answerability_auroc/{category}"] = n * len(a)
-    if before_rows is not None:
-        before = {r["id"]: r for r in before_rows}
-        pairs = [(before[r["id"]], r) for r in rows if r["id"] in before]
-        out["excessive_refusal"] = sum(b["answerable"] and bool(b["correct"]) for b, _ in pairs)
-        out["permissiveness"] = sum(b["answerable"] and bool(b["refused"]) for b, _ in pairs)
-        out["discretion"] = sum(not b["answerable"] and not b["refused"] for b, _ in pairs)
-    return out
-
-
 def model_denominators(evaluation: Evaluation, model: str) -> dict[str, int]:
+    """The denominator of every score of `model` (`metrics.runs.denominators` of its rows), the logged
+    denominators of its alignment scores taking precedence."""
     rows = evaluation.rows.get(model)
     before_rows = None
     if evaluation.before is not None and model != evaluation.before:
         before_rows = evaluation.rows.get(evaluation.before)
     out = denominators(rows, before_rows) if rows else {}
-    for key, value in evaluation.alignment.get(model, {}).items():
-        if key.endswith("/denominator") and not math.isnan(value):
-            out[key.removesuffix("/denominator")] = int(value)
+    out.update(alignment_denominators(evaluation.alignment.get(model, {})))
     return out
 
 
@@ -309,7 +224,7 @@ def tradeoff_figure(evaluation: Evaluation):
     from matplotlib.lines import Line2D
 
     points = {
-        m: (s.get("answerable_accuracy", math.nan), s.get("unanswerable_accuracy", math.nan))
+        m: (s.get(ANSWERABLE_ACCURACY.key, math.nan), s.get(UNANSWERABLE_ACCURACY.key, math.nan))
         for m, s in evaluation.scores.items()
     }
     drawn = {m: p for m, p in points.items() if _finite(p[0]) and _finite(p[1])}
@@ -339,9 +254,8 @@ def tradeoff_figure(evaluation: Evaluation):
     used_categories = set()
     for model, (x, y) in drawn.items():
         color = evaluation.color(model)
-        category_ys = {
-            c: evaluation.scores[model].get(f"unanswerable_accuracy/{c}", math.nan) for c in CATEGORIES
-        }
+        scores = evaluation.scores[model]
+        category_ys = {c: scores.get(UNANSWERABLE_ACCURACY.category_key(c), math.nan) for c in CATEGORIES}
         category_ys = {c: v for c, v in category_ys.items() if _finite(v)}
         if category_ys:
             low, high = min([y, *category_ys.values()]), max([y, *category_ys.values()])
@@ -576,16 +490,6 @@ def scores_figure(evaluation: Evaluation):
 
 # ---------------------------------------------------------------------------------------------------------
 # 4. Accuracy by question form
-
-
-def form_accuracy(rows: Sequence[Mapping[str, Any]], answerable: bool) -> dict[str, tuple[float, int]]:
-    """Per question form: (accuracy, items) of the answerable items (correct) or unanswerable (refused)."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        if bool(row["answerable"]) == answerable and row.get("form") is not None:
-            groups.setdefault(str(row["form"]), []).append(row)
-    flag = "correct" if answerable else "refused"
-    return {f: (sum(bool(r[flag]) for r in g) / len(g), len(g)) for f, g in sorted(groups.items())}
 
 
 def by_form_figure(evaluation: Evaluation):

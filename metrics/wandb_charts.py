@@ -1,6 +1,7 @@
-"""The report's figures as native W&B charts and tables, so a person can hover, filter and compare runs.
+"""W&B logging of a `test` run: the scores as summary values, the predictions as a table, and the report's
+figures as native W&B charts and tables, so a person can hover, filter and compare runs.
 
-`chart_payload(metrics, rows)` builds, under a prefix (``test``):
+`log_to_wandb` logs all of it; `chart_payload(metrics, rows)` builds the charts, under a prefix (``test``):
 
 - ``test/roc/{all,object,relation,attribute}``: ROC curves of the refusal likelihood, one line per model
   with its AUROC in the name (the chart of `wandb.plot.roc_curve`, from torchmetrics' `binary_roc`); a
@@ -17,26 +18,32 @@ W&B stores a chart ``K`` as the table ``K_table`` plus a panel spec in the run c
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metrics.answerability import CATEGORIES, HIGHER_IS_BETTER
+from datamodules.records import CATEGORIES
 from metrics.figures import (
     FIGURES,
     Evaluation,
-    denominator_name,
     evaluation_from_test,
-    form_accuracy,
     model_denominators,
     roc_curves,
     score_keys,
 )
-from metrics.report import ALIGNMENT_SCORE_KEYS
+from metrics.names import (
+    ALIGNMENT_SCORE_KEYS,
+    ANSWERABILITY_AUROC,
+    ANSWERABLE_ACCURACY,
+    BEFORE,
+    SCORES,
+    UNANSWERABLE_ACCURACY,
+    denominator_name,
+)
+from metrics.runs import flat_metrics, flatten_prediction, float_or_none, form_accuracy
 
-__all__ = ["ROC_GROUPS", "chart_keys", "chart_payload", "log_charts"]
+__all__ = ["ROC_GROUPS", "chart_keys", "chart_payload", "log_charts", "log_to_wandb"]
 
 ROC_GROUPS: tuple[str, ...] = ("all", *CATEGORIES)
 MAX_CURVE_POINTS = 2000  # per curve: W&B plots at most 10,000 rows of a chart's table
@@ -55,10 +62,6 @@ def chart_keys(prefix: str = "test") -> dict[str, str]:
     })
     keys.update({f"figures/{name}": f"{prefix}/figures/{name}" for name in FIGURES if name != "scores"})
     return keys
-
-
-def _value(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)
 
 
 def _thin(points: list[Any], limit: int = MAX_CURVE_POINTS) -> list[Any]:
@@ -80,8 +83,8 @@ def _scores_rows(evaluation: Evaluation) -> list[list[Any]]:
                 continue
             n = model_denominators(evaluation, model).get(key)
             rows.append([
-                key, "higher" if HIGHER_IS_BETTER[key] else "lower", model, _value(source[key]), n,
-                denominator_name(key, evaluation.before or "before"),
+                key, SCORES[key].better, model, float_or_none(source[key]), n,
+                denominator_name(key, evaluation.before or BEFORE),
             ])
     return rows
 
@@ -145,11 +148,11 @@ def chart_payload(
                 title=f"{direction} is better",
             )
 
-    axes = ("answerable_accuracy", "unanswerable_accuracy")
+    axes = (ANSWERABLE_ACCURACY.key, UNANSWERABLE_ACCURACY.key)
     points = [
         [model, *(s[k] for k in axes)]
         for model, s in evaluation.scores.items()
-        if all(_value(s.get(k)) is not None for k in axes)
+        if all(float_or_none(s.get(k)) is not None for k in axes)
     ]
     if points:
         payload[keys["tradeoff"]] = wandb.plot.scatter(
@@ -157,19 +160,16 @@ def chart_payload(
             title="Answerable vs unanswerable accuracy",
         )
 
+    per_category = (UNANSWERABLE_ACCURACY, ANSWERABILITY_AUROC)
     by_category = []
     for model in evaluation.models:
-        counts = model_denominators(evaluation, model)
+        counts, model_scores = model_denominators(evaluation, model), evaluation.scores[model]
         for category in CATEGORIES:
-            accuracy, auroc = (
-                _value(evaluation.scores[model].get(f"{score}/{category}"))
-                for score in ("unanswerable_accuracy", "answerability_auroc")
-            )
-            items = counts.get(f"unanswerable_accuracy/{category}")
-            by_category.append([model, category, items, accuracy, auroc])
+            values = [float_or_none(model_scores.get(s.category_key(category))) for s in per_category]
+            items = counts.get(UNANSWERABLE_ACCURACY.category_key(category))
+            by_category.append([model, category, items, *values])
     payload[keys["by_category"]] = wandb.Table(
-        columns=["model", "category", "unanswerable_items", "unanswerable_accuracy", "answerability_auroc"],
-        data=by_category,
+        columns=["model", "category", "unanswerable_items", *(s.key for s in per_category)], data=by_category
     )
 
     by_form = [
@@ -204,3 +204,39 @@ def log_charts(
     payload = chart_payload(metrics, rows, prefix, figures_dir)
     run.log(payload)
     return list(payload)
+
+
+def log_to_wandb(
+    logger_or_run: Any,
+    metrics: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]] | None = None,
+    image_path: str | os.PathLike | None = None,
+    prefix: str = "test",
+) -> None:
+    """Log the scores as W&B summary values (`flat_metrics`: ``<prefix>/after/<score>``,
+    ``<prefix>/before/<score>``, ``<prefix>/alignment/<score>``), the predictions as a ``wandb.Table``
+    (``<prefix>/predictions``; nested model fields flattened to ``before/...``, ``after/...`` columns), the
+    chart as an image (``<prefix>/report``), and the charts and tables of `chart_payload` (with the other
+    figures found beside the image).
+
+    An undefined score (NaN) is in the summary as null, so a dashboard panel on it finds its key and shows no
+    bar; its ``<score>/denominator`` beside it (0) says why.
+
+    Takes a Lightning `WandbLogger` or a `wandb` run. Call it on rank 0 only: it logs whatever it is given.
+    """
+    import wandb
+
+    run = getattr(logger_or_run, "experiment", logger_or_run)
+    run.summary.update(flat_metrics(metrics, prefix, keep_undefined=True))
+    payload: dict[str, Any] = {}
+    if rows:
+        flat_rows = [flatten_prediction(r) for r in rows]
+        columns = list(dict.fromkeys(k for r in flat_rows for k in r))
+        payload[f"{prefix}/predictions"] = wandb.Table(
+            columns=columns, data=[[r.get(c) for c in columns] for r in flat_rows]
+        )
+    if image_path is not None:
+        payload[f"{prefix}/report"] = wandb.Image(str(image_path))
+    figures_dir = None if image_path is None else Path(image_path).parent
+    payload.update(chart_payload(metrics, rows, prefix, figures_dir))
+    run.log(payload)

@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from datamodules.records import read_predictions, read_records
-from metrics.report import ALIGNMENT_SCORE_KEYS, metrics_from_predictions, to_plain
+from metrics.names import ALIGNMENT_SCORE_KEYS
+from metrics.runs import metrics_from_predictions, to_plain
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

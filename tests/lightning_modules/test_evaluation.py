@@ -12,7 +12,7 @@ import torch
 
 from datamodules.records import REFUSAL_TEMPLATE, QARecord, read_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator
-from metrics.report import metrics_from_predictions
+from metrics.runs import metrics_from_predictions
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``compute`` method")
 

@@ -14,7 +14,7 @@ from typing import Any
 from datamodules.shapes.dataset import scene_for, scene_records
 from datamodules.shapes.world import WorldConfig
 from metrics.judges import ExactMatchJudge, JudgeItem
-from metrics.report import metrics_from_predictions, paired_rows, prediction_row
+from metrics.runs import metrics_from_predictions, paired_rows, prediction_row
 
 # Per model: P(answer an answerable question of this form correctly), P(refuse an answerable question),
 # P(refuse an unanswerable question of this category), and the refusal likelihood's mean per class.

@@ -15,13 +15,13 @@ import metrics.judges
 import metrics.refusal
 from datamodules.records import CATEGORIES
 from metrics.answerability import (
-    HIGHER_IS_BETTER,
     AnswerabilityAUROC,
     AnswerabilityMetrics,
     PairedAnswerabilityMetrics,
     category_ids,
 )
-from metrics.report import metrics_from_predictions
+from metrics.names import HIGHER_IS_BETTER
+from metrics.runs import metrics_from_predictions
 
 SINGLE_KEYS = {
     "answerable_accuracy",

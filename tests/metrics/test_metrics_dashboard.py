@@ -13,7 +13,7 @@ from wandb_records import read_run, run_file
 
 from metrics.dashboard import build_workspace, main, panel_keys
 from metrics.figures import evaluation_from_test, write_figures
-from metrics.report import log_to_wandb
+from metrics.wandb_charts import log_to_wandb
 
 pytest.importorskip("wandb_workspaces")
 

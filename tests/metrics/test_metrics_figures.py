@@ -16,20 +16,18 @@ from metrics.figures import (
     FIGURES,
     Evaluation,
     by_form_figure,
-    denominators,
     evaluation_from_combined,
     evaluation_from_run,
     evaluation_from_test,
-    form_accuracy,
     main,
     roc_curves,
-    rows_by_model,
     scores_figure,
     tradeoff_figure,
     write_figures,
 )
 from metrics.names import AFTER, ALIGNMENT, BEFORE
-from metrics.report import metrics_from_predictions, write_reports
+from metrics.report import write_reports
+from metrics.runs import denominators, form_accuracy, metrics_from_predictions, rows_by_model
 
 
 @pytest.fixture(scope="module")

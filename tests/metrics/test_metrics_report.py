@@ -14,7 +14,7 @@ import torch
 
 from datamodules import records
 from datamodules.records import RecordError, read_predictions, write_predictions
-from metrics import report
+from metrics import report, runs
 from metrics.answerability import (
     AnswerabilityAUROC,
     AnswerabilityMetrics,
@@ -22,17 +22,10 @@ from metrics.answerability import (
     category_ids,
 )
 from metrics.judges import ExactMatchJudge, JudgeItem, Judgement
-from metrics.report import (
-    combine_metrics_table,
-    flat_metrics,
-    format_report,
-    log_to_wandb,
-    metrics_from_predictions,
-    paired_rows,
-    prediction_row,
-    report_metrics,
-    write_reports,
-)
+from metrics.names import ALIGNMENT_SCORE_KEYS
+from metrics.report import combine_metrics_table, format_report, write_reports
+from metrics.runs import flat_metrics, metrics_from_predictions, paired_rows, prediction_row, report_metrics
+from metrics.wandb_charts import log_to_wandb
 
 CATEGORY_NAMES = ("object", "relation", "attribute")
 
@@ -196,8 +189,8 @@ def test_paired_reports_agree_with_predictions_and_torchmetrics(tmp_path, paired
     paths = write_reports(tmp_path, rows, metrics=metrics, title="before vs after")
     lines = paths["predictions"].read_text().splitlines()
     first = json.loads(lines[0])
-    assert set(first) == {*report.ITEM_FIELDS, "before", "after"}
-    assert set(first["before"]) == set(first["after"]) == set(report.MODEL_FIELDS)
+    assert set(first) == {*runs.ITEM_FIELDS, "before", "after"}
+    assert set(first["before"]) == set(first["after"]) == set(runs.MODEL_FIELDS)
 
     by_hand = metrics_from_predictions(paths["predictions"])
     stored = json.loads(paths["metrics"].read_text())
@@ -212,7 +205,7 @@ def test_paired_reports_agree_with_predictions_and_torchmetrics(tmp_path, paired
     for key in by_hand["after"]:
         assert close(table[key][1], by_hand["before"][key]), key
         assert close(table[key][2], by_hand["after"][key]), key
-    for key in report.ALIGNMENT_SCORE_KEYS:
+    for key in ALIGNMENT_SCORE_KEYS:
         better, value, denominator = table[key]
         assert close(value, by_hand["alignment"][key]), key
         assert int(denominator) == by_hand["alignment"][f"{key}/denominator"]
@@ -222,7 +215,7 @@ def test_paired_reports_agree_with_predictions_and_torchmetrics(tmp_path, paired
 def test_metrics_json_writes_nan_as_null_and_report_shows_nan(tmp_path):
     scores = {"answerable_accuracy": torch.tensor(float("nan")), "overall_accuracy": torch.tensor(0.25)}
     metrics = {"after": scores}
-    report.write_metrics_json(tmp_path / "metrics.json", metrics)
+    runs.write_metrics_json(tmp_path / "metrics.json", metrics)
     assert json.loads((tmp_path / "metrics.json").read_text()) == {
         "after": {"answerable_accuracy": None, "overall_accuracy": 0.25}
     }

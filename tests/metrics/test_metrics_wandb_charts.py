@@ -11,10 +11,10 @@ from realistic_rows import realistic_run
 from wandb_records import read_run, run_file
 
 from metrics.answerability import CATEGORIES
-from metrics.figures import evaluation_from_test, form_accuracy, roc_curves, write_figures
+from metrics.figures import evaluation_from_test, roc_curves, write_figures
 from metrics.names import AFTER, BEFORE
-from metrics.report import log_to_wandb
-from metrics.wandb_charts import ROC_GROUPS, chart_keys, chart_payload
+from metrics.runs import form_accuracy
+from metrics.wandb_charts import ROC_GROUPS, chart_keys, chart_payload, log_to_wandb
 
 pytest.importorskip("wandb")
 
