@@ -15,7 +15,9 @@ from pathlib import Path
 from datamodules.errors import USER_ERRORS, user_error_message
 from datamodules.records import CATEGORIES, RecordError, read_records, summarize_records
 from datamodules.shapes.dataset import build_synthetic_dataset, check_synthetic_folder, format_summary
+from datamodules.sources.assemble import add_assemble_parser
 from datamodules.sources.generate import add_generate_parser, add_import_videochatgpt_parser
+from datamodules.sources.negatives import add_import_uvqa_negatives_parser
 
 # How many missing videos `stats --video-root` names.
 MISSING_VIDEOS_SHOWN = 5
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_stats_parser(subparsers)
     add_generate_parser(subparsers)
     add_import_videochatgpt_parser(subparsers)
+    add_import_uvqa_negatives_parser(subparsers)
+    add_assemble_parser(subparsers)
     # More commands: one `add_*_parser(subparsers)` line each here; the parser sets `func` (args -> exit
     # status), and errors listed in USER_ERRORS are reported by `main`.
     return parser
