@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.collation import ChatCollator, Example
 from datamodules.loading import EpochSeededSampler, ExampleDataset, ResumableDataLoader
+from datamodules.mixing import mix_sizes
 from datamodules.records import QARecord, RecordError, read_predictions, read_records
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,11 @@ class AnswerabilityDataModule(L.LightningDataModule):
         if fraction == 0.0:
             return answerable
         rng = random.Random(self.hparams.seed)
-        wanted_unanswerable = round(len(answerable) * fraction / (1 - fraction))
-        if wanted_unanswerable <= len(unanswerable):
-            unanswerable = rng.sample(unanswerable, wanted_unanswerable)
+        keep_answerable, keep_unanswerable = mix_sizes(len(answerable), len(unanswerable), fraction)
+        if keep_answerable == len(answerable):  # the unanswerable side is subsampled (or drawn in full)
+            unanswerable = rng.sample(unanswerable, keep_unanswerable)
         else:
-            answerable = rng.sample(answerable, round(len(unanswerable) * (1 - fraction) / fraction))
+            answerable = rng.sample(answerable, keep_answerable)
         mixed = answerable + unanswerable
         rng.shuffle(mixed)
         return mixed

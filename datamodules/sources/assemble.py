@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from datamodules.mixing import mix_sizes
 from datamodules.records import (
     CATEGORIES,
     QARecord,
@@ -209,15 +210,11 @@ def mix(records: list[QARecord], fraction: float | None, rng: random.Random, spl
         if needed and not records_of_side:
             raise _command_line(f"--unanswerable-fraction {fraction}: the {split} split has no {side} "
                                 "records to mix")
-    if fraction == 0:
-        return answerable
-    if fraction == 1:
-        return unanswerable
-    wanted = round(len(answerable) * fraction / (1 - fraction))
-    if wanted <= len(unanswerable):
-        unanswerable = _subsample(unanswerable, wanted, rng)
-    else:
-        answerable = _subsample(answerable, round(len(unanswerable) * (1 - fraction) / fraction), rng)
+    keep_answerable, keep_unanswerable = mix_sizes(len(answerable), len(unanswerable), fraction)
+    if keep_answerable < len(answerable):
+        answerable = _subsample(answerable, keep_answerable, rng)
+    if keep_unanswerable < len(unanswerable):
+        unanswerable = _subsample(unanswerable, keep_unanswerable, rng)
     return answerable + unanswerable
 
 
