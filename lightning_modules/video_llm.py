@@ -206,7 +206,10 @@ VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "video_tower", "
 
 
 def vision_modules(model: nn.Module) -> list[nn.Module]:
-    """The vision tower(s) of a video-LLM, found by the attribute names the HF families use."""
+    """The vision tower(s) of a video-LLM, found by the attribute names the HF families use; a peft model's
+    are those of the model it wraps."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     found = []
     for name in VISION_TOWER_NAMES:
         for holder in (model, getattr(model, "model", None)):
