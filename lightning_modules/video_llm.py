@@ -206,7 +206,10 @@ VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "video_tower", "
 
 
 def vision_modules(model: nn.Module) -> list[nn.Module]:
-    """The vision tower(s) of a video-LLM, found by the attribute names the HF families use."""
+    """The vision tower(s) of a video-LLM, found by the attribute names the HF families use; a peft model's
+    are those of the model it wraps."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     found = []
     for name in VISION_TOWER_NAMES:
         for holder in (model, getattr(model, "model", None)):
@@ -216,8 +219,69 @@ def vision_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _may_need_grad(value: Any) -> bool:
+    """Whether `value` (a module's argument) holds a tensor that requires grad, looking into lists, tuples
+    and dicts; an object of any other kind than a scalar, a string or None counts as one that might."""
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (list, tuple)):
+        return any(_may_need_grad(item) for item in value)
+    if isinstance(value, dict):
+        return any(_may_need_grad(item) for item in value.values())
+    return not isinstance(value, (type(None), bool, int, float, str))
+
+
+class NoGradWhenFrozen:
+    """Forward hooks that run a module without autograd while nothing in it can get a gradient: it has
+    parameters, none of them requires grad, and no tensor among its inputs requires grad.
+
+    Why: `enable_input_require_grads` (called by transformers' gradient checkpointing and again by peft) hooks
+    the input embeddings of every `PreTrainedModel` in a video-LLM, the vision tower's patch embedding
+    included, so a frozen tower's activations are kept for a backward pass that updates nothing (an
+    estimated ~20 GB for a 32-frame clip through CLIP-L/336). Removing those hooks is fragile: the second
+    call drops the first call's handles (`disable_input_require_grads` misses those), and any later call
+    adds them again. The conditions are checked at each forward (as ms-swift's trainer does), so a tower
+    unfrozen later, or given an input that requires grad, is tracked again; under an enclosing `no_grad`
+    nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self._switched: list[bool] = []  # one entry per call in progress: whether `before` turned grad off
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        switch = torch.is_grad_enabled() and _all_frozen(module) and not _may_need_grad((args, kwargs))
+        self._switched.append(switch)
+        if switch:
+            torch.set_grad_enabled(False)
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # Registered with `always_call`: it runs when the forward raises too.
+        if self._switched and self._switched.pop():
+            torch.set_grad_enabled(True)
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    requires_grad = [parameter.requires_grad for parameter in module.parameters()]
+    return bool(requires_grad) and not any(requires_grad)
+
+
+def run_frozen_towers_without_grad(model: nn.Module) -> nn.Module:
+    """Give each vision tower of `model` the `NoGradWhenFrozen` hooks (once: a tower that has them is left
+    as it is)."""
+    for tower in vision_modules(model):
+        hooks = [getattr(hook, "__self__", None) for hook in tower._forward_pre_hooks.values()]
+        if any(isinstance(hook, NoGradWhenFrozen) for hook in hooks):
+            continue
+        guard = NoGradWhenFrozen()
+        tower.register_forward_pre_hook(guard.before, with_kwargs=True, prepend=True)
+        tower.register_forward_hook(guard.after, with_kwargs=True, always_call=True)
+    return model
+
+
 def prepare_for_training(model: nn.Module, config: VideoLLMConfig) -> nn.Module:
-    """Freeze the vision tower, wrap with LoRA adapters when asked, and turn on gradient checkpointing."""
+    """Freeze the vision tower, wrap with LoRA adapters when asked, and turn on gradient checkpointing; a
+    frozen tower runs without autograd (`NoGradWhenFrozen`)."""
+    run_frozen_towers_without_grad(model)
     if config.freeze_vision_tower:
         for module in vision_modules(model):
             module.requires_grad_(False)
