@@ -18,7 +18,8 @@ log the same scores as ``test/after/<score>``, ``test/before/<score>`` and ``tes
 (`flat_metrics`).
 
 `metrics_from_predictions` recomputes every score from the rows with the metrics' own functions, so a report
-can always be checked against the per-item predictions it came from.
+can always be checked against the per-item predictions it came from. `replacing_files` replaces a run's
+report files (predictions, metrics, report.md, figures) as a set.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,7 @@ __all__ = [
     "prediction_row",
     "read_metrics",
     "read_rows",
+    "replacing_files",
     "report_metrics",
     "rows_by_model",
     "to_plain",
@@ -405,3 +410,34 @@ def read_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]] | None:
     """A run folder's predictions.jsonl rows, None when it has none."""
     path = Path(run_dir) / PREDICTIONS_FILE
     return read_predictions(path) if path.is_file() else None
+
+
+STAGING_PREFIX = ".report-staging-"
+"""The name of the hidden folder in which `replacing_files` writes a new set of files."""
+
+
+@contextmanager
+def replacing_files(folder: str | os.PathLike, names: Iterable[str]) -> Iterator[Path]:
+    """Replace the files `names` of `folder` as a set (a run's report files beside its checkpoints).
+
+    The body writes the new set into a hidden staging folder inside `folder`, which it is given. When the
+    body ends without error, each file it wrote is renamed over its old version and each of `names` it did
+    not write is removed (a figure with nothing to show this time); on any error nothing in `folder` changes.
+    Either way the staging folder is removed. Renames write no data, so a full disk or a file-size limit
+    stops a write before any old file is touched; only a kill within the renames themselves can leave a mix.
+    The staging folders of killed writes are removed at the next write into `folder`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        yield staging
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
