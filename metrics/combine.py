@@ -5,7 +5,8 @@ metrics.json with the model before alignment (the paper's f0) and after it (f1),
 the first run, and writes `report.json` (`{"before": {...}, "sft": {...}, "dpo": {...}, "seconds": N}`),
 `report.md` and the figures (`report.png`, `tradeoff.png`, `roc.png`, `by_form.png`, see `metrics.figures`)
 into DIR, replacing the files of an earlier combination as a set. A run's row holds its after scores and its
-alignment scores. A bad argument or run file is one line naming it, with exit status 2.
+alignment scores. The runs must have been scored on the same test items (their predictions.jsonl ids); a
+bad argument or run file is one line naming it, with exit status 2.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ from metrics.names import (
 from metrics.report import combine_metrics_table
 from metrics.runs import (
     METRICS_FILE,
+    PREDICTIONS_FILE,
+    RERUN_TEST,
     RunError,
     float_scores,
     read_metrics,
+    read_rows,
     replacing_files,
     to_plain,
 )
@@ -73,6 +77,30 @@ def parse_runs(items: Sequence[str]) -> dict[str, Path]:
     return runs
 
 
+def check_same_items(runs: Mapping[str, str | Path]) -> None:
+    """Refuse runs scored on different test items: with two runs or more, each run's item ids (its
+    predictions.jsonl) must be the first run's. Raises `RunError` naming the two runs and how many ids one has
+    and the other lacks, or naming a missing predictions.jsonl."""
+    if len(runs) < 2:
+        return
+    ids: dict[str, set[str]] = {}
+    for name, run_dir in runs.items():
+        rows = read_rows(run_dir)
+        if rows is None:
+            path = Path(run_dir) / PREDICTIONS_FILE
+            raise RunError(f"{path}: missing, so run {name!r} cannot be checked to be scored on the other "
+                           f"runs' test items; {RERUN_TEST}")
+        ids[name] = {row["id"] for row in rows}
+    (first, first_ids), *others = ids.items()
+    for name, these in others:
+        if differ := first_ids ^ these:
+            raise RunError(
+                f"runs {first!r} ({runs[first]}) and {name!r} ({runs[name]}) were scored on different test "
+                f"items: {len(differ)} ids are in one run and not the other (e.g. {min(differ)!r}); combine "
+                "runs tested on the same test file"
+            )
+
+
 def check_out_folder(out: str | Path) -> None:
     """Raise `RunError` when `--out`, or a folder above it, is an existing file (it must be a folder)."""
     out = Path(out)
@@ -99,7 +127,9 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, float], dict[str, float]]:
 
 def combine(runs: Mapping[str, str | Path], seconds: float | None = None) -> dict[str, Any]:
     """{"before": ..., <run name>: ..., "seconds": ...} with the model before alignment from the first run
-    (all runs align the same base)."""
+    (all runs align the same base). Raises `RunError` when the runs were scored on different test items
+    (`check_same_items`)."""
+    check_same_items(runs)
     report: dict[str, Any] = {}
     for name, run_dir in runs.items():
         before, after = load_run(run_dir)

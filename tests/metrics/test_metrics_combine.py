@@ -8,6 +8,7 @@ import pytest
 
 from datamodules.records import write_predictions
 from metrics.combine import TABLE_KEYS, combine, main, write_combined
+from metrics.runs import RunError
 
 IDS = ("q1", "q2", "q3", "q4")
 
@@ -101,3 +102,21 @@ def test_run_and_out_arguments_are_one_line_naming_them(tmp_path, capsys):
     assert main(out + ["--run", f"sft={tmp_path / 'sft'}"]) == 0, "the check can pass"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md", "report.png"]
 
+
+def test_runs_scored_on_different_items_are_refused(tmp_path, capsys):
+    _write_run(tmp_path / "sft", 0.8, 0.78, 0.9)
+    _write_run(tmp_path / "dpo", 0.8, 0.79, 0.7, ids=("q1", "q2", "q3", "other"))
+    _write_run(tmp_path / "kto", 0.8, 0.79, 0.7, ids=tuple(reversed(IDS)))
+    args = ["--out", str(tmp_path / "out"), "--run", f"sft={tmp_path / 'sft'}"]
+    assert main([*args, "--run", f"dpo={tmp_path / 'dpo'}"]) == 2
+    error = _one_line_error(capsys)
+    assert f"'sft' ({tmp_path / 'sft'}) and 'dpo' ({tmp_path / 'dpo'})" in error and ": 2 ids" in error
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--run", f"kto={tmp_path / 'kto'}"]) == 0, "the same items in another order"
+    assert "| kto |" in capsys.readouterr().out
+    with pytest.raises(RunError, match="2 ids"):
+        combine({"kto": tmp_path / "kto", "dpo": tmp_path / "dpo"})
+
+    (tmp_path / "dpo" / "predictions.jsonl").unlink()
+    assert main([*args, "--run", f"dpo={tmp_path / 'dpo'}"]) == 2
+    assert f"{tmp_path / 'dpo' / 'predictions.jsonl'}: missing" in _one_line_error(capsys)
