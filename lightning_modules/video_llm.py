@@ -369,7 +369,8 @@ def replacing_folder(folder: str | Path) -> Iterator[Path]:
     end leaves the old folder as it was; no reader ever sees a mix of old and new files.
 
     A kill between the two renames leaves the old folder aside (`.NAME.replaced-*`): the next export puts it
-    back before it starts, and removes the temporary folders of killed exports.
+    back before it starts, and removes the temporary folders of killed exports. The new folder and its files
+    get the modes the user's umask gives (0755 and 0644 under umask 022), not mkdtemp's private 0700.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -381,6 +382,11 @@ def replacing_folder(folder: str | Path) -> Iterator[Path]:
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.exporting-", dir=folder.parent))
     try:
         yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (temporary, *temporary.rglob("*")):  # mkdtemp makes 0700, transformers' shard files 0600
+            if not path.is_symlink():
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)  # the user's usual modes
         old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.replaced-", dir=folder.parent))

@@ -3,7 +3,7 @@ curves per category, the tables and the report figures, each panel on the keys t
 
 `python -m metrics.dashboard --entity E --project P` saves the workspace (it needs a W&B login and server);
 `--dry-run` builds it without a network and prints every panel with the keys it reads (`--json`: the full
-view spec instead).
+view spec instead); it saves nothing, so it needs no `--entity` or `--project`.
 """
 
 from __future__ import annotations
@@ -136,14 +136,19 @@ def panel_keys(workspace: Any) -> list[tuple[str, str, list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m metrics.dashboard", description=__doc__.splitlines()[0])
-    parser.add_argument("--entity", required=True, help="W&B entity (user or team) that owns the project")
-    parser.add_argument("--project", required=True, help="W&B project of the runs")
+    parser.add_argument("--entity", help="W&B entity (user or team) that owns the project (to save)")
+    parser.add_argument("--project", help="W&B project of the runs (to save)")
     parser.add_argument("--name", default="Answerability", help="name of the saved workspace")
     parser.add_argument("--prefix", default="test", help="prefix of the evaluation keys (default: test)")
     parser.add_argument("--dry-run", action="store_true", help="build it and print its panels; save nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the view spec as JSON")
     args = parser.parse_args(argv)
-    workspace = build_workspace(args.entity, args.project, args.name, args.prefix)
+    missing = [flag for flag in ("--entity", "--project") if not getattr(args, flag[2:])]
+    if missing and not args.dry_run:
+        print(f"error: {' and '.join(missing)} needed to save the workspace (or pass --dry-run to build it "
+              "without saving)", file=sys.stderr)
+        return 2
+    workspace = build_workspace(args.entity or "", args.project or "", args.name, args.prefix)
     if args.dry_run:
         if args.json:
             spec = workspace._to_model().model_dump(by_alias=True, exclude_none=True)

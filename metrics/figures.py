@@ -9,7 +9,8 @@
 - ``by_form.png``: accuracy per question form (the records' ``meta["form"]``), answerable and unanswerable.
 
 `python -m metrics.figures RUN_DIR` redraws them from a run folder's metrics.json and predictions.jsonl.
-Every file is written atomically; a figure that has nothing to show (no refusal likelihoods, no question
+Every file is written atomically, and the command replaces the figures as a set
+(`metrics.runs.replacing_files`); a figure that has nothing to show (no refusal likelihoods, no question
 forms) is not written, and a stale one from an earlier run in the same folder is removed.
 """
 
@@ -46,6 +47,7 @@ from metrics.runs import (
     form_accuracy,
     read_metrics,
     read_rows,
+    replacing_files,
     rows_by_model,
 )
 
@@ -569,8 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for path in write_figures(args.out or args.run_dir, evaluation).values():
-        print(path)
+    out = Path(args.out or args.run_dir)
+    with replacing_files(out, FIGURES.values()) as staging:
+        written = write_figures(staging, evaluation)
+    for path in written.values():
+        print(out / path.name)
     return 0
 
 

@@ -2,8 +2,9 @@
 Markdown table that compares several models.
 
 `write_reports` writes a run folder's predictions.jsonl, metrics.json (their schema: `metrics.runs`),
-report.md and the figures of `metrics.figures`; every file is written atomically
-(`datamodules.records.atomic_write`). An undefined score (zero denominator) is "NaN" in the Markdown.
+report.md and the figures of `metrics.figures` as one set: all of them are written first, then renamed into
+place (`metrics.runs.replacing_files`), so a failed write leaves the previous run's set whole. An undefined
+score (zero denominator) is "NaN" in the Markdown.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.records import CATEGORIES, atomic_write, write_predictions
-from metrics.figures import evaluation_from_test, scores_figure, write_figures
+from metrics.figures import FIGURES, evaluation_from_test, scores_figure, write_figures
 from metrics.names import AFTER, ALIGNMENT, ALIGNMENT_SCORES, MODELS, SCORE_KEYS, SCORES
 from metrics.runs import (
     METRICS_FILE,
@@ -22,11 +23,13 @@ from metrics.runs import (
     float_or_none,
     form_accuracy,
     metrics_from_predictions,
+    replacing_files,
     rows_by_model,
     write_metrics_json,
 )
 
 __all__ = [
+    "REPORT_FILES",
     "combine_metrics_table",
     "format_report",
     "write_report_md",
@@ -142,6 +145,10 @@ def write_report_png(
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
 
 
+REPORT_FILES: tuple[str, ...] = (PREDICTIONS_FILE, METRICS_FILE, "report.md", *FIGURES.values())
+"""The report files of a `test` run, replaced as a set by `write_reports`."""
+
+
 def write_reports(
     out_dir: str | os.PathLike,
     rows: Sequence[Mapping[str, Any]],
@@ -149,7 +156,8 @@ def write_reports(
     title: str = "Answerability report",
 ) -> dict[str, Path]:
     """Write predictions.jsonl, metrics.json, report.md and the figures of `metrics.figures` (report.png,
-    tradeoff.png, roc.png, by_form.png: those with something to show) into `out_dir`.
+    tradeoff.png, roc.png, by_form.png: those with something to show) into `out_dir`, as a set
+    (`metrics.runs.replacing_files`): when any write fails, every file of the previous set stays as it was.
 
     `metrics` defaults to `metrics_from_predictions(rows)`; pass the torchmetrics results to report those.
     Returns the paths by name ("predictions", "metrics", "report_md", "report_png", "<figure>_png").
@@ -157,15 +165,16 @@ def write_reports(
     out_dir = Path(out_dir)
     rows = list(rows)
     metrics = metrics_from_predictions(rows) if metrics is None else metrics
-    write_predictions(out_dir / PREDICTIONS_FILE, rows)
-    paths = {
-        "predictions": out_dir / PREDICTIONS_FILE,
-        "metrics": write_metrics_json(out_dir / METRICS_FILE, metrics),
-        "report_md": write_report_md(out_dir / "report.md", metrics, title=title, rows=rows),
-    }
-    figures = write_figures(out_dir, evaluation_from_test(metrics, rows, title=title))
-    paths.update({f"{'report' if name == 'scores' else name}_png": path for name, path in figures.items()})
-    return paths
+    with replacing_files(out_dir, REPORT_FILES) as staging:
+        write_predictions(staging / PREDICTIONS_FILE, rows)
+        written = {
+            "predictions": staging / PREDICTIONS_FILE,
+            "metrics": write_metrics_json(staging / METRICS_FILE, metrics),
+            "report_md": write_report_md(staging / "report.md", metrics, title=title, rows=rows),
+        }
+        figures = write_figures(staging, evaluation_from_test(metrics, rows, title=title))
+        written.update({f"{'report' if n == 'scores' else n}_png": path for n, path in figures.items()})
+    return {name: out_dir / path.name for name, path in written.items()}
 
 
 def combine_metrics_table(

@@ -18,7 +18,9 @@ log the same scores as ``test/after/<score>``, ``test/before/<score>`` and ``tes
 (`flat_metrics`).
 
 `metrics_from_predictions` recomputes every score from the rows with the metrics' own functions, so a report
-can always be checked against the per-item predictions it came from.
+can always be checked against the per-item predictions it came from. `replacing_files` replaces a run's
+report files (predictions, metrics, report.md, figures) as a set; `RunError` is a user's mistake in a run's
+files or in how runs are named.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from datamodules.records import CATEGORIES, atomic_write, read_predictions
+from datamodules.errors import UserError
+from datamodules.records import CATEGORIES, JSONProblem, atomic_write, parse_json, read_predictions
 from metrics.answerability import alignment_scores, answerability_auroc, answerability_scores, category_ids
 from metrics.judges import Judgement
 from metrics.names import (
@@ -61,6 +67,8 @@ __all__ = [
     "MODEL_FIELDS_NEEDED",
     "MODEL_FIELDS",
     "PREDICTIONS_FILE",
+    "RERUN_TEST",
+    "RunError",
     "alignment_denominators",
     "clip_size",
     "denominators",
@@ -75,6 +83,7 @@ __all__ = [
     "prediction_row",
     "read_metrics",
     "read_rows",
+    "replacing_files",
     "report_metrics",
     "rows_by_model",
     "to_plain",
@@ -91,6 +100,12 @@ MODEL_FIELDS_NEEDED: tuple[str, ...] = ("refused", "correct")
 """The model fields every row must have to be scored or drawn."""
 
 Metrics = Mapping[str, Any]
+RERUN_TEST = "rerun `python main.py test` for this run to write it again"
+
+
+class RunError(UserError, ValueError):
+    """A user's mistake in a run folder's files or in how runs are given: the message names the file or the
+    argument, and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,17 +406,60 @@ def write_metrics_json(path: str | os.PathLike, metrics: Metrics) -> Path:
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     """A tested run folder's metrics.json (null for an undefined score). Raises FileNotFoundError when the
-    run was not tested, ValueError when the file is not JSON, each naming the file."""
+    run was not tested, `RunError` when the file is not the metrics.json structure (not JSON, e.g. cut short;
+    not a JSON object of groups of scores; a score that is not a number or null), each naming the file."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.json (run `python main.py test` for this run first)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+        metrics = parse_json(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: not valid UTF-8 text; {RERUN_TEST}") from None
+    except JSONProblem as problem:
+        line = "" if problem.line is None else f" on line {problem.line}"
+        raise RunError(f"{path}: {problem.problem}{line}, cut short or damaged; {RERUN_TEST}") from None
+    if not isinstance(metrics, dict) or not all(isinstance(group, dict) for group in metrics.values()):
+        raise RunError(f"{path}: expected a JSON object of score groups ({BEFORE}, {AFTER}); {RERUN_TEST}")
+    for group, scores in metrics.items():
+        for key, value in scores.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise RunError(f"{path}: field '{group}.{key}': expected a number or null, got {value!r}; "
+                               f"{RERUN_TEST}")
+    return metrics
 
 
 def read_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]] | None:
     """A run folder's predictions.jsonl rows, None when it has none."""
     path = Path(run_dir) / PREDICTIONS_FILE
     return read_predictions(path) if path.is_file() else None
+
+
+STAGING_PREFIX = ".report-staging-"
+"""The name of the hidden folder in which `replacing_files` writes a new set of files."""
+
+
+@contextmanager
+def replacing_files(folder: str | os.PathLike, names: Iterable[str]) -> Iterator[Path]:
+    """Replace the files `names` of `folder` as a set (a run's report files beside its checkpoints).
+
+    The body writes the new set into a hidden staging folder inside `folder`, which it is given. When the
+    body ends without error, each file it wrote is renamed over its old version and each of `names` it did
+    not write is removed (a figure with nothing to show this time); on any error nothing in `folder` changes.
+    Either way the staging folder is removed. Renames write no data, so a full disk or a file-size limit
+    stops a write before any old file is touched; only a kill within the renames themselves can leave a mix.
+    The staging folders of killed writes are removed at the next write into `folder`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        yield staging
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -152,6 +154,27 @@ def test_an_export_killed_between_its_renames_is_put_back(tmp_path):
         raise RuntimeError("failed")
     assert (folder / "config.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["hf_model"]
+
+
+def test_an_export_has_the_modes_of_the_users_umask(tmp_path):
+    """Others on a shared machine can read an exported model (umask 022: folders 0755, files 0644), also one
+    made by `save_smollm2_video` (through its staging folder)."""
+    from lightning_modules.smollm2_video import save_smollm2_video
+    from lightning_modules.video_llm import save_hf
+
+    model, processor = load_video_llm(VideoLLMConfig(tiny=TinyArchitecture(**SMALL)))
+    umask = os.umask(0o022)
+    try:
+        folders = [save_hf(model, processor, tmp_path / "hf_model", {"base": "tiny"}),
+                   save_smollm2_video(model, processor, tmp_path / "smollm2", {"base": "tiny"})]
+    finally:
+        os.umask(umask)
+    for folder in folders:
+        paths = (folder, *folder.rglob("*"))
+        modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in paths}
+        assert f"{folder.name}/model.safetensors" in modes, modes
+        assert modes == {name: "0o755" if (tmp_path / name).is_dir() else "0o644" for name in modes}
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["hf_model", "smollm2"], "no staging folder left"
 
 
 def test_lora_can_train_the_projector_in_full_beside_the_adapters():

@@ -85,6 +85,16 @@ def test_every_panel_reads_a_key_of_a_real_test_run(lora_dpo_run, test_run_summa
     assert "test/alignment/permissiveness" in str(missing_keys(panels, without))
 
 
+def test_cli_dry_run_needs_no_entity_or_project_and_saving_does(capsys):
+    assert main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(panel_keys(build_workspace("e", "p"))) and "Training | " in lines[0]
+    for args, named in (([], "--entity and --project needed"), (["--entity", "e"], "--project needed")):
+        assert main(args) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"error: {named} to save") and err.count("\n") == 1, err
+
+
 def test_cli_dry_run_prints_panels_and_spec(capsys):
     assert main(["--entity", "e", "--project", "p", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -3,8 +3,10 @@ torchmetrics; files are written atomically; W&B logging works offline; models co
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -250,6 +252,53 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         report.write_report_md(target, {"after": {"overall_accuracy": 0.5}})
     assert target.read_text() == "old report\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left behind
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_report_files_are_replaced_as_a_set(tmp_path, monkeypatch, paired_run):
+    """A write that fails at the last file (a full disk, `ulimit -f`) leaves the previous run's whole set,
+    byte for byte; a write that succeeds replaces all of it, a stale figure included."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_reports(run, model_rows(make_records(), seed=1))  # refusal likelihoods: with roc.png
+    old = files_of(run)
+    new_rows = [{**row, "before": {**row["before"], "refusal_likelihood": None},
+                 "after": {**row["after"], "refusal_likelihood": None}} for row in paired_run]
+    write_reports(tmp_path / "fresh", new_rows)
+    new = files_of(tmp_path / "fresh")
+    assert "roc.png" in old and "roc.png" not in new and set(new) & set(old) == set(new)
+
+    fsync, calls = os.fsync, []
+
+    def count(descriptor):
+        calls.append(descriptor)
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", count)
+    write_reports(tmp_path / "counted", new_rows)
+    writes, calls[:] = len(calls), []
+
+    def fail_last(descriptor):
+        calls.append(descriptor)
+        if len(calls) == writes:
+            raise OSError(errno.EFBIG, "File too large")
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fail_last)
+    with pytest.raises(OSError, match="File too large"):
+        write_reports(run, new_rows)
+    assert len(calls) == writes == len(new)
+    assert files_of(run) == old
+    assert sorted(p.name for p in run.iterdir()) == sorted([*old, "checkpoints"]), "no staging folder left"
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    paths = write_reports(run, new_rows)
+    assert files_of(run) == new
+    assert sorted(p.name for p in run.iterdir()) == sorted([*new, "checkpoints"])
+    assert {path.parent for path in paths.values()} == {run} and paths["report_png"].is_file()
 
 
 def test_report_gives_answerable_accuracy_by_question_form_and_object_count():
