@@ -68,7 +68,7 @@ class AlignmentModule(L.LightningModule):
 
     def __init__(
         self,
-        model: VideoLLMConfig | None = None,
+        model: VideoLLMConfig,
         objective: Literal["sft", "dpo"] = "sft",
         beta: float = 0.1,
         loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid",
@@ -113,7 +113,7 @@ class AlignmentModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["judge"])
-        self.config = model or VideoLLMConfig()
+        self.config = model
         self.llm, self.processor = load_video_llm(self.config)
         if disable_dropout if disable_dropout is not None else objective == "dpo":
             _disable_dropout(self.llm)
