@@ -25,7 +25,7 @@ from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
 from datamodules.records import read_predictions, write_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
-from lightning_modules.losses import dpo_with_sft, pair_logps, preference_loss, sequence_logps
+from lightning_modules.losses import dpo_with_sft, pair_logps, preference_loss, sequence_logps, sft_loss
 from lightning_modules.preference import (
     ReferenceCache,
     pair_model_inputs,
@@ -306,8 +306,7 @@ class AlignmentModule(L.LightningModule):
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         if self.hparams.objective == "sft":
             labels = batch["labels"]
-            logps, counts = sequence_logps(self(batch), labels)
-            loss = -logps.sum() / counts.sum().clamp(min=1)  # this batch's token mean (= `sft_loss`)
+            loss, nll, tokens = sft_loss(self(batch), labels)  # this batch's token mean
             self.log(
                 f"{stage}/loss", loss, prog_bar=True, batch_size=labels.shape[0], sync_dist=stage != "train"
             )
@@ -315,8 +314,8 @@ class AlignmentModule(L.LightningModule):
                 return loss
             # Summed NLL; `on_before_optimizer_step` divides the gradients by the window's response tokens.
             # Lightning divides what is returned by accumulate_grad_batches: undone here.
-            self._window_tokens = self._window_tokens + counts.sum().detach()
-            return -logps.sum() * self.trainer.accumulate_grad_batches
+            self._window_tokens = self._window_tokens + tokens.detach()
+            return nll * self.trainer.accumulate_grad_batches
         logps, counts = self.pair_logps(self.llm, batch)
         if self.hparams.precompute_ref_log_probs:
             if self.reference_cache is None:

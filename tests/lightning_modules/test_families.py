@@ -185,7 +185,7 @@ def test_full_finetuning_step_and_greedy_generation(family, checkpoint, items):
     for _ in range(20):  # overfit the two examples, checking greedy generation every 10 steps (60-80 needed)
         module.train()
         for _ in range(10):
-            loss = sft_loss(module(batch), batch["labels"])
+            loss, _, _ = sft_loss(module(batch), batch["labels"])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
