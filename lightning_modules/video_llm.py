@@ -194,6 +194,25 @@ def limit_video_pixels(processor: Any, max_pixels: int | None) -> None:
         video_processor.size = dataclasses.replace(size, **limits)
 
 
+# The keyword arguments of the HF video-LLM families' forward that a collated batch holds (its labels, ids and
+# records are for the loss and the reports).
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "mm_token_type_ids",
+    "second_per_grid_ts",
+    "pixel_values",
+    "image_sizes",
+)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model's inputs of a collated batch: its entries named in `MODEL_INPUTS`."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
 # Attribute names of the vision tower(s) in the HF video-LLM families (Video-LLaVA has an image and a video
 # tower); frozen by default and never given LoRA adapters.
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "video_tower", "image_tower")

@@ -27,10 +27,10 @@ from datamodules.answerability import (
 from datamodules.records import REFUSAL_OPENING, QARecord
 from datamodules.shapes.questions import template_vocabulary
 from datamodules.shapes.world import WorldConfig, sample_scene, write_clip
-from lightning_modules.alignment import MODEL_INPUTS, AlignmentModule
+from lightning_modules.alignment import AlignmentModule
 from lightning_modules.losses import preference_loss, sequence_logps, sft_loss
 from lightning_modules.preference import pair_model_inputs
-from lightning_modules.video_llm import LoraSettings, VideoLLMConfig, load_video_llm
+from lightning_modules.video_llm import MODEL_INPUTS, LoraSettings, VideoLLMConfig, load_video_llm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
