@@ -23,6 +23,7 @@ demo: install
 	@date +%s > outputs.demo.start 2>/dev/null || true
 	$(PY) -m datamodules synth --out $(DEMO_DATA) --num-videos 3000 --seed 0 --split 0.9,0.05,0.05
 	$(PY) main.py fit -c configs/shapes/vision.yaml
+	$(PY) -m lightning_modules.tiny --out outputs/shapes/tiny --vision-tower outputs/shapes/vision_tower
 	$(PY) main.py fit -c configs/shapes/base.yaml
 	$(PY) main.py predict -c configs/shapes/base.yaml --model.init_args.model.name_or_path outputs/shapes/base/hf_model \
 		--data.init_args.predict_file train.jsonl --data.init_args.predict_answerable false \

@@ -2,13 +2,13 @@
 
 Run: `.venv/bin/python benchmarks/train_step.py [--pairs 32] [--frames 2 16] [--steps 5] [--threads 1]`
 
-The model is the demo's (`VideoLLMConfig()`'s tiny LLaVA-NeXT-Video at the sizes of configs/shapes/*.yaml,
-randomly initialised), on a small synthetic dataset built in a temporary folder. For each clip length
-(`--frames`: the demo's 2 frames, and 16 frames, where the video tokens are most of the prompt) and for LoRA
-and full fine-tuning, DPO on B pairs is compared with SFT on the same B prompts (the same clips and
-questions, one response each: the gold answer). Each setting runs in fresh subprocesses, one after another:
-each decodes and collates one batch, builds the module (`AlignmentModule`) and AdamW, and runs `--steps`
-steps of `model_step` + backward + optimizer step (no Trainer, so no loop overhead).
+The model is the demo's tiny LLaVA-NeXT-Video (`python -m lightning_modules.tiny`'s default sizes, those of
+configs/shapes/*.yaml, randomly initialised), exported into a temporary folder with a small synthetic dataset.
+For each clip length (`--frames`: the demo's 2 frames, and 16 frames, where the video tokens are most of the
+prompt) and for LoRA and full fine-tuning, DPO on B pairs is compared with SFT on the same B prompts (the
+same clips and questions, one response each: the gold answer). Each setting runs in fresh subprocesses, one
+after another: each decodes and collates one batch, builds the module (`AlignmentModule`) and AdamW, and runs
+`--steps` steps of `model_step` + backward + optimizer step (no Trainer, so no loop overhead).
 
 With `precompute_ref_log_probs` (the default) the DPO module's reference log-probabilities are computed once
 before the timed steps (`AlignmentModule.precompute_reference`), as `fit` does before training; that one-off
@@ -56,8 +56,8 @@ def memory_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def worker(objective: str, kind: str, frames: int, data_dir: Path, pairs: int, warmup: int, steps: int,
-           threads: int) -> dict:
+def worker(objective: str, kind: str, frames: int, data_dir: Path, model_dir: Path, pairs: int, warmup: int,
+           steps: int, threads: int) -> dict:
     """One setting in this process: a JSON-able dict of its median step time and its peak memory."""
     import torch
 
@@ -66,12 +66,13 @@ def worker(objective: str, kind: str, frames: int, data_dir: Path, pairs: int, w
     from datamodules.shapes.questions import template_vocabulary
     from datamodules.video import read_video
     from lightning_modules.alignment import AlignmentModule
-    from lightning_modules.tiny import build_tiny_processor
+    from lightning_modules.tiny import TinyArchitecture, build_tiny_processor
     from lightning_modules.video_llm import LoraSettings, VideoLLMConfig
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = VideoLLMConfig(num_frames=frames, lora=LoraSettings(r=16, alpha=32) if kind == "lora" else None)
+    lora = LoraSettings(r=16, alpha=32) if kind == "lora" else None
+    config = VideoLLMConfig(name_or_path=str(model_dir), num_frames=frames, lora=lora)
     records, _ = read_records(data_dir / "train.jsonl", data_dir)
     records = [r for r in records if r.rejected is not None and r.rejected.strip() != r.answer.strip()]
     records = records[:pairs]
@@ -79,7 +80,7 @@ def worker(objective: str, kind: str, frames: int, data_dir: Path, pairs: int, w
         raise SystemExit(f"only {len(records)} pairs in {data_dir}")
     items = [(Example(r, str(data_dir / r.video), r.rejected), read_video(data_dir / r.video, frames))
              for r in records]
-    processor = build_tiny_processor(template_vocabulary(), config.tiny)
+    processor = build_tiny_processor(template_vocabulary(), TinyArchitecture())  # the exported one's
     batch = ChatCollator(processor, objective, max_length=4096)(items)
 
     def build():
@@ -146,25 +147,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         objective, kind, frames = args.worker
-        print(json.dumps(worker(objective, kind, int(frames), args.data, args.pairs, args.warmup, args.steps,
-                                args.threads)))
+        print(json.dumps(worker(objective, kind, int(frames), args.data, args.model, args.pairs, args.warmup,
+                                args.steps, args.threads)))
         return
 
     from datamodules.shapes.dataset import build_synthetic_dataset
+    from lightning_modules.tiny import export_tiny
 
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     results: dict[tuple[int, str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
         data = Path(tmp) / "data"
         build_synthetic_dataset(data, num_videos=12, seed=0, progress=False)
+        model = export_tiny(Path(tmp) / "tiny")
         for frames in args.frames:
             for kind in args.kinds:
                 for objective in OBJECTIVES:
-                    options = ["--data", str(data), "--pairs", str(args.pairs), "--steps", str(args.steps),
-                               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                    options = ["--data", str(data), "--model", str(model), "--pairs", str(args.pairs),
+                               "--steps", str(args.steps), "--warmup", str(args.warmup),
+                               "--threads", str(args.threads)]
                     setting = [objective, kind, str(frames)]
                     timed = run_worker(setting + options, {})
                     measured = run_worker(setting + options, {"MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -172,7 +177,7 @@ def main() -> None:
                                                         "reference_s": timed["reference_s"]}
                     print(f"  done: {frames} frames, {kind}, {objective}", flush=True)
 
-    print(f"demo's tiny video-LLM (VideoLLMConfig(), random weights), CPU, {args.threads} torch thread(s); "
+    print(f"demo's tiny video-LLM (random weights), CPU, {args.threads} torch thread(s); "
           f"B = {args.pairs}: DPO on B pairs, SFT on the same B prompts; median of {args.steps} steps")
     print("peak: the most resident memory (VmHWM) over build + steps, above the level before the module "
           "was built; ref pass: the one-off reference pass over this batch (0: none, or inside the step)")

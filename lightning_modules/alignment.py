@@ -1,8 +1,8 @@
 """`AlignmentModule`: SFT or DPO fine-tuning of a video-LLM, plus generation for `predict` and `test`.
 
 With LoRA the DPO reference is the same model with its adapters disabled (one copy in memory); without LoRA it
-is a frozen copy. A DPO pair is one row, [prompt with video][chosen][rejected], scored in one pass
-(`preference.py`); the reference's log-probabilities are computed once before training and cached on disk
+is a frozen copy (`preference.DPOReference`). A DPO pair is one row, [prompt with video][chosen][rejected],
+scored in one pass; the reference's log-probabilities are computed once before training and cached on disk
 (`precompute_ref_log_probs`), after which a frozen copy is freed. `test` generates for every item and hands
 the responses to an `AnswerabilityEvaluator` (judging, metrics, reports); for a LoRA model it also generates
 with the adapters disabled, the model before alignment (the paper's f0), for the before/after scores.
@@ -10,33 +10,25 @@ with the adapters disabled, the model before alignment (the paper's f0), for the
 
 from __future__ import annotations
 
-import copy
 import functools
-import itertools
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
 from datamodules.records import read_predictions, write_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
-from lightning_modules.losses import dpo_with_sft, pair_logps, preference_loss, sequence_logps
-from lightning_modules.preference import (
-    ReferenceCache,
-    pair_model_inputs,
-    reference_identity,
-    reference_weights,
-)
+from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
+from lightning_modules.preference import DPOReference, ReferenceCache, score_pairs
 from lightning_modules.run_folder import RunCheckpoint, StopOnSigterm
 from lightning_modules.video_llm import (
     VideoLLMConfig,
     count_parameters,
     load_video_llm,
+    model_inputs,
     save_hf,
     set_training_mode,
 )
@@ -45,17 +37,6 @@ from metrics.judges import Judge
 from metrics.runs import flat_metrics
 
 log = logging.getLogger(__name__)
-
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "mm_token_type_ids",
-    "second_per_grid_ts",
-    "pixel_values",
-    "image_sizes",
-)
 
 
 class AlignmentModule(L.LightningModule):
@@ -69,7 +50,7 @@ class AlignmentModule(L.LightningModule):
 
     def __init__(
         self,
-        model: VideoLLMConfig | None = None,
+        model: VideoLLMConfig,
         objective: Literal["sft", "dpo"] = "sft",
         beta: float = 0.1,
         loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid",
@@ -114,12 +95,11 @@ class AlignmentModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["judge"])
-        self.config = model or VideoLLMConfig()
+        self.config = model
         self.llm, self.processor = load_video_llm(self.config)
         if disable_dropout if disable_dropout is not None else objective == "dpo":
             _disable_dropout(self.llm)
-        self.reference: torch.nn.Module | None = None
-        self.reference_cache: ReferenceCache | None = None
+        self.dpo_reference = DPOReference(self.uses_lora, model.name_or_path, model.num_frames)
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.evaluator = AnswerabilityEvaluator(judge)  # a submodule: its metrics follow the device and sync
         self._before_responses: dict[str, str] | None = None
@@ -131,6 +111,16 @@ class AlignmentModule(L.LightningModule):
     @property
     def uses_lora(self) -> bool:
         return self.config.lora is not None
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        """DPO's frozen reference copy (full fine-tuning, while it is needed), else None."""
+        return self.dpo_reference.frozen
+
+    @property
+    def reference_cache(self) -> ReferenceCache | None:
+        """DPO's cache of reference log-probabilities, once set up."""
+        return self.dpo_reference.cache
 
     @property
     def out_dir(self) -> Path:
@@ -155,28 +145,22 @@ class AlignmentModule(L.LightningModule):
         return batch
 
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        return model_inputs(batch)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.llm(**self._inputs(batch), use_cache=False).logits
 
-    def _reference_context(self):
-        return self.llm.disable_adapter() if self.uses_lora else nullcontext()
-
     def setup(self, stage: str) -> None:
         self._uniform_dtype_for_fsdp()
-        if (
-            stage == "fit"
-            and self.hparams.objective == "dpo"
-            and not self.uses_lora
-            and self.reference is None
-            and self.reference_cache is None
-        ):
-            self.reference = copy.deepcopy(self.llm).eval().requires_grad_(False)
+        if stage == "fit" and self.hparams.objective == "dpo":
+            self.dpo_reference.keep_frozen_copy(self.llm)  # full fine-tuning
 
     def on_fit_start(self) -> None:
         if self.hparams.objective == "dpo" and self.hparams.precompute_ref_log_probs:
-            self._precompute_reference_for_fit()
+            read = self._open_reference_cache()
+            computed = self.dpo_reference.precompute_for_fit(self.trainer, self.llm, self._to_device)
+            log.info("reference log-probabilities: %d pairs computed, %d read from %s", computed, read,
+                     self.reference_cache.path)
         # Lightning keeps the modes modules have; a loaded checkpoint comes in eval mode (see
         # `set_training_mode`). The frozen reference copy stays in eval mode.
         set_training_mode(self.llm, self.config)
@@ -201,116 +185,32 @@ class AlignmentModule(L.LightningModule):
     def pair_logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """`model`'s summed log-probabilities and token counts of a DPO batch's responses (chosen ones
         first), from one shared-prefix pass over its pair rows."""
-        if "pair_segments" not in batch:
-            raise ValueError("a DPO batch needs pair rows (ChatCollator mode 'dpo'): no 'pair_segments'")
-        inputs = pair_model_inputs(model, self._inputs(batch), batch)
-        logits = model(**inputs, use_cache=False).logits
-        return pair_logps(logits, batch["labels"], batch["pair_segments"])
+        return score_pairs(model, batch)
 
-    @torch.no_grad()
-    def reference_pair_logps(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The reference's log-probabilities of a DPO batch's responses (chosen first), in eval mode."""
-        if self.reference is None and not self.uses_lora:
-            raise RuntimeError(
-                "full fine-tuning DPO: the frozen reference copy was freed after the reference pass, and "
-                "these pairs are not in its cache"
-            )
-        reference = self.reference if self.reference is not None else self.llm
-        training = reference.training
-        reference.eval()
-        try:
-            with self._reference_context():
-                logps, _ = self.pair_logps(reference, batch)
-        finally:
-            reference.train(training)
-        return logps
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.transfer_batch_to_device(batch, self.device, 0)
 
-    def _reference_cache(self) -> ReferenceCache:
+    def _open_reference_cache(self) -> int:
+        """Set up the reference cache (in `reference_cache_dir`, else `<output_dir>/reference_logps`) and read
+        its file; returns the number of pairs read."""
         folder = self.hparams.reference_cache_dir
         if folder is None and (self.hparams.output_dir or self._trainer is not None):
             folder = self.out_dir / "reference_logps"
-        weights = reference_weights(self.llm, self.reference)
-        config = self.config
         # Without a trainer the pass runs in the weights' own dtype, without autocast.
         precision = str(self.trainer.precision) if self._trainer is not None else str(self.llm.dtype)
-        identity = reference_identity(
-            config.name_or_path, config.num_frames, self.processor, weights, precision
-        )
-        if dist.is_available() and dist.is_initialized():  # every rank names the same file
-            shared = [identity]
-            dist.broadcast_object_list(shared, src=0)
-            identity = shared[0]
-        return ReferenceCache(folder, identity)
+        return self.dpo_reference.open_cache(folder, self.llm, self.processor, precision)
 
     def precompute_reference(self, batches: Any) -> int:
         """Compute (or take from the cache) the reference log-probabilities of these DPO batches' pairs;
         then a frozen reference copy is freed. Returns the number of pairs newly computed."""
-        if self.reference_cache is None:
-            self.reference_cache = self._reference_cache()
-            self.reference_cache.load()
-        cache, computed = self.reference_cache, 0
-        for batch in batches:
-            if not cache.missing(batch["ids"], batch["pair_digests"]):
-                continue
-            batch = self.transfer_batch_to_device(dict(batch), self.device, 0)
-            cache.add(batch["ids"], batch["pair_digests"], self.reference_pair_logps(batch))
-            computed += len(batch["ids"])
-        self.reference = None  # the log-probabilities are all the reference is needed for
-        return computed
-
-    def _precompute_reference_for_fit(self) -> None:
-        """The reference pass of `fit`: every training and validation pair, this rank's share, gathered."""
-        trainer = self.trainer
-        datamodule = trainer.datamodule
-        if datamodule is None:
-            raise ValueError(
-                "DPO with precompute_ref_log_probs reads the pairs from the LightningDataModule: fit with "
-                "`datamodule=`, or set precompute_ref_log_probs=False to run the reference in every step"
-            )
-        loaders = [datamodule.train_dataloader()]
-        if trainer.limit_val_batches != 0:
-            loaders.append(datamodule.val_dataloader())
-        read = 0
-        if self.reference_cache is None:  # a second `fit` of this module keeps the first one's
-            self.reference_cache = self._reference_cache()
-            read = self.reference_cache.load()
-        # This rank's share of each loader's items, in order, with the loader's collation.
-        shares = [
-            torch.utils.data.DataLoader(
-                loader.dataset,
-                batch_size=loader.batch_size,
-                sampler=list(range(trainer.global_rank, len(loader.dataset), trainer.world_size)),
-                collate_fn=loader.collate_fn,
-                num_workers=loader.num_workers,
-            )
-            for loader in loaders
-        ]
-        # In the training steps' precision (autocast under bf16-mixed), so that before the first update the
-        # policy's log-probabilities equal the reference's and the implicit rewards start at zero.
-        with trainer.precision_plugin.forward_context():
-            computed = self.precompute_reference(itertools.chain(*shares))  # then a frozen copy is freed
-        if trainer.world_size > 1:
-            gathered: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(gathered, (self.reference_cache.pairs, computed))
-            for pairs, _ in gathered:
-                self.reference_cache.pairs.update(pairs)
-            computed = sum(count for _, count in gathered)
-        if trainer.is_global_zero and computed:
-            self.reference_cache.save()
-        trainer.strategy.barrier("reference log-probabilities")
-        log.info(
-            "reference log-probabilities: %d pairs computed, %d read from %s",
-            computed,
-            read,
-            self.reference_cache.path,
-        )
+        self._open_reference_cache()
+        return self.dpo_reference.precompute(self.llm, batches, self._to_device)
 
     # ------------------------------------------------------------------------------------ training
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         if self.hparams.objective == "sft":
             labels = batch["labels"]
-            logps, counts = sequence_logps(self(batch), labels)
-            loss = -logps.sum() / counts.sum().clamp(min=1)  # this batch's token mean (= `sft_loss`)
+            loss, nll, tokens = sft_loss(self(batch), labels)  # this batch's token mean
             self.log(
                 f"{stage}/loss", loss, prog_bar=True, batch_size=labels.shape[0], sync_dist=stage != "train"
             )
@@ -318,19 +218,13 @@ class AlignmentModule(L.LightningModule):
                 return loss
             # Summed NLL; `on_before_optimizer_step` divides the gradients by the window's response tokens.
             # Lightning divides what is returned by accumulate_grad_batches: undone here.
-            self._window_tokens = self._window_tokens + counts.sum().detach()
-            return -logps.sum() * self.trainer.accumulate_grad_batches
+            self._window_tokens = self._window_tokens + tokens.detach()
+            return nll * self.trainer.accumulate_grad_batches
         logps, counts = self.pair_logps(self.llm, batch)
         if self.hparams.precompute_ref_log_probs:
-            if self.reference_cache is None:
-                raise RuntimeError(
-                    "DPO with precompute_ref_log_probs: no reference log-probabilities; `fit` computes them "
-                    "before training (or call `precompute_reference` with the batches)"
-                )
-            ids, digests = batch["ids"], batch["pair_digests"]
-            ref_logps = self.reference_cache.lookup(ids, digests, logps.dtype, logps.device)
+            ref_logps = self.dpo_reference.cached_logps(batch, logps)
         else:
-            ref_logps = self.reference_pair_logps(batch)
+            ref_logps = self.dpo_reference.logps(self.llm, batch)
         half = logps.shape[0] // 2
         scale = counts.clamp_min(1) if self.hparams.loss_type == "ipo" else torch.ones_like(logps)
         losses, chosen_rewards, rejected_rewards = preference_loss(

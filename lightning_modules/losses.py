@@ -120,20 +120,27 @@ def pair_logps(
     return logps, counts
 
 
-def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Supervised fine-tuning loss: mean negative log-likelihood over all response tokens of the batch.
+def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor]:
+    """Supervised fine-tuning loss: the negative log-likelihood of the response tokens, a token-level mean.
 
-    A token-level mean, like Hugging Face's causal-LM loss (``cross_entropy(..., ignore_index)`` over
-    the shifted logits and labels), so long responses weigh more than short ones::
+    Returns ``(loss, nll, tokens)``: ``nll`` is the summed negative log-likelihood of the batch's response
+    tokens, ``tokens`` their number and ``loss = nll / max(tokens, 1)``, like Hugging Face's causal-LM loss
+    (``cross_entropy(..., ignore_index)`` over the shifted logits and labels), so long responses weigh more
+    than short ones::
 
-        loss = -sum_b logps[b] / sum_b counts[b]        with (logps, counts) = sequence_logps(...)
+        nll = -sum_b logps[b],  tokens = sum_b counts[b]        with (logps, counts) = sequence_logps(...)
+
+    Over a gradient-accumulation window the loss is ``sum(nll) / sum(tokens)`` of its micro-batches (on all
+    ranks), not the mean of their ``loss``: training backpropagates ``nll`` and divides the gradients by the
+    window's tokens, as transformers' Trainer and TRL do.
 
     Only tokens whose label is not ``ignore_index`` count: prompt, video and padding tokens are masked
-    by the caller. A batch with no response token returns ``0`` (still attached to the graph) rather
+    by the caller. A batch with no response token has ``loss = 0`` (still attached to the graph) rather
     than NaN.
     """
     logps, counts = sequence_logps(logits, labels, ignore_index=ignore_index)
-    return -logps.sum() / counts.sum().clamp(min=1)
+    nll, tokens = -logps.sum(), counts.sum()
+    return nll / tokens.clamp(min=1), nll, tokens
 
 
 def preference_loss(

@@ -8,23 +8,31 @@ rejected part moved back by the chosen length). `losses.pair_logps` then reads b
 
 The reference log-probabilities of a pair never change during training, so `fit` computes them once
 (`ReferenceCache`), keyed by the reference model's identity (`reference_identity`) and, per pair, by record
-id and the pair's content digest.
+id and the pair's content digest. `DPOReference` is the reference as `AlignmentModule` holds it: the policy
+with its adapters disabled (LoRA) or a frozen copy of the initial policy, run in every step or once before
+training into the cache.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
+import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from datamodules.batch_format import Segment
 from datamodules.records import atomic_write
+from lightning_modules.losses import pair_logps
+from lightning_modules.video_llm import model_inputs
 
 # Attention implementations that take a custom 4-D mask: a boolean one (SDPA) or an additive one (eager).
 BOOLEAN_MASK_ATTENTION = ("sdpa", "sdpa_padding_safe")
@@ -98,6 +106,16 @@ def pair_position_ids(llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     chosen_length = (segments == Segment.CHOSEN).sum(dim=1, keepdim=True)
     shift = (segments == Segment.REJECTED).long() * chosen_length
     return positions - shift.to(positions.device)
+
+
+def score_pairs(llm: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`llm`'s summed log-probabilities and token counts of a DPO batch's responses (chosen ones first), from
+    one shared-prefix pass over its pair rows (`losses.pair_logps`)."""
+    if "pair_segments" not in batch:
+        raise ValueError("a DPO batch needs pair rows (ChatCollator mode 'dpo'): no 'pair_segments'")
+    inputs = pair_model_inputs(llm, model_inputs(batch), batch)
+    logits = llm(**inputs, use_cache=False).logits
+    return pair_logps(logits, batch["labels"], batch["pair_segments"])
 
 
 def pair_model_inputs(llm: nn.Module, inputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
@@ -218,3 +236,124 @@ class ReferenceCache:
             chosen.append(entry[1])
             rejected.append(entry[2])
         return torch.tensor(chosen + rejected, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------- the reference
+class DPOReference(nn.Module):
+    """DPO's reference: the initial policy's log-probabilities of the pairs.
+
+    With LoRA it is the policy with its adapters disabled (no second copy); with full fine-tuning a frozen
+    copy of the initial policy (`keep_frozen_copy`; a submodule here, so that it follows the module to its
+    device). `logps` runs it on a batch; or `precompute` / `precompute_for_fit` run it once over every pair
+    into the `cache` (then the frozen copy is freed) and `cached_logps` reads them.
+    """
+
+    def __init__(self, lora: bool, name_or_path: str, num_frames: int):
+        super().__init__()
+        self.lora, self.name_or_path, self.num_frames = lora, name_or_path, num_frames
+        self.frozen: nn.Module | None = None
+        self.cache: ReferenceCache | None = None
+
+    def keep_frozen_copy(self, llm: nn.Module) -> None:
+        """Full fine-tuning: freeze a copy of the initial policy `llm`, unless one is held already or the
+        cache has taken its place."""
+        if not self.lora and self.frozen is None and self.cache is None:
+            self.frozen = copy.deepcopy(llm).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The reference's log-probabilities of a DPO batch's responses (chosen first), in eval mode."""
+        if self.frozen is None and not self.lora:
+            raise RuntimeError(
+                "full fine-tuning DPO: the frozen reference copy was freed after the reference pass, and "
+                "these pairs are not in its cache"
+            )
+        reference = self.frozen if self.frozen is not None else llm
+        training = reference.training
+        reference.eval()
+        try:
+            with llm.disable_adapter() if self.lora else nullcontext():
+                logps, _ = score_pairs(reference, batch)
+        finally:
+            reference.train(training)
+        return logps
+
+    def cached_logps(self, batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+        """The cached log-probabilities of a DPO batch's responses (chosen first), in `like`'s dtype and
+        device."""
+        if self.cache is None:
+            raise RuntimeError(
+                "DPO with precompute_ref_log_probs: no reference log-probabilities; `fit` computes them "
+                "before training (or call `precompute_reference` with the batches)"
+            )
+        return self.cache.lookup(batch["ids"], batch["pair_digests"], like.dtype, like.device)
+
+    def open_cache(self, folder: str | Path | None, llm: nn.Module, processor: Any, precision: str) -> int:
+        """Set up the cache of this reference (in `folder`; in memory only without one), its identity rank
+        0's, and read its file; returns the number of pairs read (0 when the cache is open already).
+        `precision`: the one the pass runs in (Lightning's `trainer.precision`)."""
+        if self.cache is not None:
+            return 0
+        weights = reference_weights(llm, self.frozen)
+        identity = reference_identity(self.name_or_path, self.num_frames, processor, weights, precision)
+        if dist.is_available() and dist.is_initialized():  # every rank names the same file
+            shared = [identity]
+            dist.broadcast_object_list(shared, src=0)
+            identity = shared[0]
+        self.cache = ReferenceCache(folder, identity)
+        return self.cache.load()
+
+    def precompute(self, llm: nn.Module, batches: Iterable[dict[str, Any]],
+                   to_device: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+        """Compute the reference log-probabilities of these DPO batches' pairs that the (open) cache lacks,
+        each batch moved by `to_device` first; then a frozen copy is freed. Returns the number of pairs
+        computed."""
+        cache, computed = self.cache, 0
+        for batch in batches:
+            if not cache.missing(batch["ids"], batch["pair_digests"]):
+                continue
+            batch = to_device(dict(batch))
+            cache.add(batch["ids"], batch["pair_digests"], self.logps(llm, batch))
+            computed += len(batch["ids"])
+        self.frozen = None  # the log-probabilities are all the reference is needed for
+        return computed
+
+    def precompute_for_fit(self, trainer: Any, llm: nn.Module,
+                           to_device: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+        """The reference pass of `fit`: every training and validation pair of the trainer's datamodule,
+        this rank's share, gathered on every rank and saved by rank 0. The cache must be open. Returns the
+        number of pairs computed, on all ranks together."""
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError(
+                "DPO with precompute_ref_log_probs reads the pairs from the LightningDataModule: fit with "
+                "`datamodule=`, or set precompute_ref_log_probs=False to run the reference in every step"
+            )
+        loaders = [datamodule.train_dataloader()]
+        if trainer.limit_val_batches != 0:
+            loaders.append(datamodule.val_dataloader())
+        # This rank's share of each loader's items, in order, with the loader's collation.
+        shares = [
+            torch.utils.data.DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size,
+                sampler=list(range(trainer.global_rank, len(loader.dataset), trainer.world_size)),
+                collate_fn=loader.collate_fn,
+                num_workers=loader.num_workers,
+            )
+            for loader in loaders
+        ]
+        # In the training steps' precision (autocast under bf16-mixed), so that before the first update the
+        # policy's log-probabilities equal the reference's and the implicit rewards start at zero.
+        with trainer.precision_plugin.forward_context():
+            computed = self.precompute(llm, itertools.chain(*shares), to_device)  # then a copy is freed
+        if trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, (self.cache.pairs, computed))
+            for pairs, _ in gathered:
+                self.cache.pairs.update(pairs)
+            computed = sum(count for _, count in gathered)
+        if trainer.is_global_zero and computed:
+            self.cache.save()
+        trainer.strategy.barrier("reference log-probabilities")
+        return computed

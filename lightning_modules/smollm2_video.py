@@ -10,8 +10,8 @@ added to the tokenizer as special tokens (new embedding rows: the mean of the ex
 template is SmolLM2's own, extended to messages whose content is a list of video, image and text items
 (text-only chats render exactly as SmolLM2's template renders them).
 
-The result is saved as an ordinary Hugging Face checkpoint folder, which `load_video_llm` (the
-`AutoModelForImageTextToText` / `AutoProcessor` path, not the "tiny" one) loads by path:
+The result is saved as an ordinary Hugging Face checkpoint folder, which `load_video_llm` loads by path
+(`AutoModelForImageTextToText` / `AutoProcessor`), as any checkpoint:
 
     python -m lightning_modules.smollm2_video --out outputs/smollm2_video/base \
         [--vision-tower outputs/shapes/vision_tower] [--image-size 64]

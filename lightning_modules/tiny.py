@@ -3,19 +3,31 @@
 A `LlavaNextVideoForConditionalGeneration` (CLIP vision tower + Llama) with a word-level tokenizer made in
 code over the synthetic world's vocabulary and the real LLaVA-NeXT-Video processor around it. The vision
 tower can come from the vision pretraining stage (`vision_pretraining.py`), whose probe heads also start
-the projector. `video_llm.load_video_llm` builds it for the name "tiny".
+the projector. The command saves it as an ordinary Hugging Face checkpoint folder, which `load_video_llm`
+loads by path like any other:
+
+    python -m lightning_modules.tiny --out outputs/shapes/tiny \
+        [--vision-tower outputs/shapes/vision_tower] [--seed 0] [--text-layers 4 ...]
+
+The weights are those that `build_tiny` gives right after `torch.manual_seed(seed)` (the caller's random
+state is left as it was).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-TINY = "tiny"
+from datamodules.errors import USER_ERRORS, UserError, user_error_message
+from lightning_modules.video_llm import check_model_path, save_hf
+
 VIDEO_TOKEN = "<video>"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", VIDEO_TOKEN, IMAGE_TOKEN)
@@ -30,6 +42,10 @@ TINY_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+class VisionTowerError(UserError):
+    """A vision tower folder whose weights do not fit the tiny model's sizes."""
 
 
 @dataclass
@@ -193,7 +209,7 @@ def build_tiny_model(tokenizer, arch: TinyArchitecture, vision_tower: str | None
         tower = CLIPVisionModel.from_pretrained(vision_tower)
         missing, unexpected = model.model.vision_tower.load_state_dict(tower.state_dict(), strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise VisionTowerError(
                 f"vision tower {vision_tower}: mismatched weights (missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}); was it trained with the same tiny sizes?"
             )
@@ -286,3 +302,65 @@ def build_tiny(arch: TinyArchitecture, vision_tower: str | None = None, vocabula
         vocabulary = template_vocabulary()
     processor = build_tiny_processor(vocabulary, arch)
     return build_tiny_model(processor.tokenizer, arch, vision_tower), processor
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_tiny(
+    out: str | Path,
+    arch: TinyArchitecture | None = None,
+    vision_tower: str | None = None,
+    seed: int = 0,
+    vocabulary: list[str] | None = None,
+) -> Path:
+    """Build the tiny video-LLM right after `torch.manual_seed(seed)` (the caller's random state untouched)
+    and save it with its processor as a Hugging Face folder at `out`, which is replaced as a whole and only
+    once the new one is complete (`video_llm.save_hf`)."""
+    arch = arch or TinyArchitecture()
+    if vision_tower is not None:
+        check_model_path(vision_tower, "--vision-tower")
+        if not Path(vision_tower).is_dir():
+            raise VisionTowerError(f"--vision-tower: {vision_tower} is not a folder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = build_tiny(arch, vision_tower, vocabulary)
+    meta = {
+        "model": "tiny",
+        "architecture": dataclasses.asdict(arch),
+        "vision_tower": str(vision_tower) if vision_tower else "random",
+        "seed": seed,
+    }
+    return save_hf(model, processor, out, meta)
+
+
+def _architecture_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--field-name` option per `TinyArchitecture` field, defaulting to the field's default."""
+    for field in dataclasses.fields(TinyArchitecture):
+        kind = float if field.default is None or isinstance(field.default, float) else int
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
+                            help=f"TinyArchitecture.{field.name} (default {field.default})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_modules.tiny",
+        description="Build the tiny video-LLM (a LLaVA-NeXT-Video of tiny sizes over the synthetic world's "
+        "words) and save it as a Hugging Face checkpoint folder.",
+    )
+    parser.add_argument("--out", required=True, help="the checkpoint folder to write (replaced if it exists)")
+    parser.add_argument("--vision-tower", default=None,
+                        help="a CLIPVisionModel folder (the vision pretraining stage's output); else random")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    _architecture_arguments(parser)
+    args = parser.parse_args(argv)
+    sizes = {field.name: getattr(args, field.name) for field in dataclasses.fields(TinyArchitecture)}
+    try:
+        out = export_tiny(args.out, TinyArchitecture(**sizes), args.vision_tower, args.seed)
+    except USER_ERRORS as error:
+        print(f"error: {user_error_message(error)}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Model construction: any Hugging Face video-LLM with its processor, ready for LoRA or full fine-tuning.
 
-`load_video_llm` is the one entry point. A name or path loads a real checkpoint through
-`AutoModelForImageTextToText` / `AutoProcessor`; the name `"tiny"` builds the embedded default
-(`lightning_modules/tiny.py`), of the same classes, without a download.
+`load_video_llm` is the one entry point: a hub id or a local folder loads through
+`AutoModelForImageTextToText` / `AutoProcessor`, the embedded demo's tiny model too (saved as a folder by
+`python -m lightning_modules.tiny`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from datamodules.errors import UserError
-from lightning_modules.tiny import TINY, TinyArchitecture, build_tiny
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,11 @@ class LoraSettings:
 class VideoLLMConfig:
     """What model to build and how to fine-tune it."""
 
-    name_or_path: str = TINY
-    """A Hugging Face model id or local folder, or "tiny" for the embedded default."""
+    name_or_path: str
+    """A Hugging Face model id or a local checkpoint folder (the demo's tiny model: the folder that
+    `python -m lightning_modules.tiny` writes)."""
     num_frames: int = 4
     """Frames sampled uniformly over each clip and given to the model."""
-    vision_tower: str | None = None
-    """For "tiny": a folder with a pretrained `CLIPVisionModel` (from the vision pretraining stage)."""
-    tiny: TinyArchitecture = field(default_factory=TinyArchitecture)
-    """For "tiny": its sizes."""
     lora: LoraSettings | None = None
     """LoRA settings; None trains the language model and projector in full."""
     freeze_vision_tower: bool = True
@@ -101,7 +97,7 @@ class VideoLLMConfig:
     config): a 720p clip then gives ~600 tokens a frame. None keeps the processor's. Other processors ignore
     it."""
     attn_implementation: str | None = SDPA_PADDING_SAFE
-    """E.g. "sdpa", "eager" or "flash_attention_2" (the tiny model too); None lets transformers choose.
+    """E.g. "sdpa", "eager" or "flash_attention_2"; None lets transformers choose.
     The default is transformers' SDPA with a mask that lets a left-padding row attend somewhere (no NaN)."""
 
 
@@ -113,6 +109,8 @@ class ModelPathError(UserError):
 # Folders the embedded demo's stages write, and the command that writes each.
 DEMO_PRODUCTS = {
     "outputs/shapes/vision_tower": "python main.py fit -c configs/shapes/vision.yaml",
+    "outputs/shapes/tiny": "python -m lightning_modules.tiny --out outputs/shapes/tiny "
+    "--vision-tower outputs/shapes/vision_tower",
     "outputs/shapes/base/hf_model": "python main.py fit -c configs/shapes/base.yaml",
     "outputs/shapes/sft/hf_model": "python main.py fit -c configs/shapes/sft.yaml",
     "outputs/shapes/dpo/hf_model": "python main.py fit -c configs/shapes/dpo.yaml",
@@ -131,7 +129,13 @@ def looks_like_path(name: str) -> bool:
 
 def check_model_path(name: str, setting: str) -> None:
     """Raise a `ModelPathError` naming `setting` when the path-like `name` does not exist (and, for a folder
-    of the embedded demo, the command that makes it); hub ids are left to Hugging Face."""
+    of the embedded demo, the command that makes it); hub ids are left to Hugging Face, except "tiny" (the
+    tiny model's built-in name in earlier releases), unless a folder of that name exists."""
+    if name == "tiny" and not Path(name).exists():
+        raise ModelPathError(
+            f"{setting}: 'tiny' is no longer built in: write the tiny model as a folder with `python -m "
+            "lightning_modules.tiny --out DIR` and give DIR"
+        )
     if not looks_like_path(name) or Path(name).expanduser().exists():
         return
     problem = f"{setting}: {name} does not exist"
@@ -148,32 +152,22 @@ def _dtype(name: str) -> torch.dtype:
         raise ValueError(f"torch_dtype must be float32, bfloat16 or float16, got {name!r}") from None
 
 
-def load_video_llm(config: VideoLLMConfig, vocabulary: list[str] | None = None) -> tuple[nn.Module, Any]:
-    """(model, processor) for `config`; the tiny model needs the world's `vocabulary`. A path that does not
-    exist is a `ModelPathError` naming it."""
-    if config.name_or_path == TINY:
-        if config.vision_tower is not None:
-            check_model_path(config.vision_tower, "model.vision_tower")
-            if not Path(config.vision_tower).is_dir():
-                raise ModelPathError(f"model.vision_tower: {config.vision_tower} is not a folder")
-        model, processor = build_tiny(config.tiny, config.vision_tower, vocabulary)
-        if config.attn_implementation:
-            model.set_attn_implementation(config.attn_implementation)
-    else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_video_llm(config: VideoLLMConfig) -> tuple[nn.Module, Any]:
+    """(model, processor) for `config`. A path that does not exist is a `ModelPathError` naming it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        path = config.name_or_path
-        check_model_path(path, "model.name_or_path")
-        kwargs: dict[str, Any] = {
-            "dtype": _dtype(config.torch_dtype),
-            "trust_remote_code": config.trust_remote_code,
-        }
-        if config.attn_implementation:
-            kwargs["attn_implementation"] = config.attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-        if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
-            processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    path = config.name_or_path
+    check_model_path(path, "model.name_or_path")
+    kwargs: dict[str, Any] = {
+        "dtype": _dtype(config.torch_dtype),
+        "trust_remote_code": config.trust_remote_code,
+    }
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
     limit_video_pixels(processor, config.video_max_pixels)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # batched generation appends after the prompt
@@ -198,6 +192,25 @@ def limit_video_pixels(processor: Any, max_pixels: int | None) -> None:
         video_processor.size = {**size, **limits}
     else:
         video_processor.size = dataclasses.replace(size, **limits)
+
+
+# The keyword arguments of the HF video-LLM families' forward that a collated batch holds (its labels, ids and
+# records are for the loss and the reports).
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "mm_token_type_ids",
+    "second_per_grid_ts",
+    "pixel_values",
+    "image_sizes",
+)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model's inputs of a collated batch: its entries named in `MODEL_INPUTS`."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 # Attribute names of the vision tower(s) in the HF video-LLM families (Video-LLaVA has an image and a video

@@ -3,7 +3,8 @@
 The tower sees a frame exactly as the video-LLM will (same size, normalisation, last-layer patch features
 average-pooled to the video-token grid); linear heads read, for each pooled cell, the object that covers it
 (shape, colour, size, motion, whether it touches another object, exact centre) or that none does. At the
-end of `fit` the tower is saved for `VideoLLMConfig.vision_tower`.
+end of `fit` the tower is saved for the tiny model's export (`python -m lightning_modules.tiny
+--vision-tower`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class VisionPretraining(L.LightningModule):
     ):
         """
         Args:
-            tiny: sizes of the tiny video-LLM whose tower this is (must match the later model config).
+            tiny: sizes of the tiny video-LLM whose tower this is (must match the sizes it is exported with).
             output_dir: where the pretrained `CLIPVisionModel` is saved at the end of training.
             lr, weight_decay: AdamW settings (one-cycle schedule over the run).
             centre_weight: weight of the centre regression next to the classification losses.

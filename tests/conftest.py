@@ -1,5 +1,6 @@
-"""Shared fixtures of the alignment and command-line tests: a tiny synthetic dataset, a tiny base checkpoint,
-the arguments of a tiny `main.py` run, and one LoRA DPO run that several tests inspect.
+"""Shared fixtures of the alignment and command-line tests: a tiny synthetic dataset, a tiny base checkpoint
+(the tiny model's export command at small sizes), the arguments of a tiny `main.py` run, and one LoRA DPO run
+that several tests inspect.
 
 Everything is built once per session, on the CPU, from code: no download.
 """
@@ -54,14 +55,27 @@ def processor():
     return build_tiny_processor(template_vocabulary(), TinyArchitecture())
 
 
+def _export_tiny(out: Path, *options: str, **sizes: object) -> Path:
+    from lightning_modules.tiny import main
+
+    sizes_args = [f"--{key.replace('_', '-')}={value}" for key, value in sizes.items()]
+    assert main(["--out", str(out), *options, *sizes_args]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_tiny() -> Callable[..., Path]:
+    """`export_tiny(out, *options, **sizes)`: `python -m lightning_modules.tiny --out OUT [OPTIONS]
+    [--SIZE VALUE ...]` in this process, the tiny model at `sizes` (TinyArchitecture fields; the command's
+    defaults for the others) saved as a folder; returns `out`."""
+    return _export_tiny
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    """A saved tiny model with its processor, loaded by path like a hub checkpoint (the base of LoRA runs)."""
-    from lightning_modules.video_llm import TinyArchitecture, VideoLLMConfig, load_video_llm, save_hf
-
-    torch.manual_seed(0)
-    model, processor = load_video_llm(VideoLLMConfig(tiny=TinyArchitecture(**TINY_ARCH)))
-    return save_hf(model, processor, tmp_path_factory.mktemp("base") / "tiny")
+    """The tiny model at the tests' sizes (seed 0), exported once by its command and loaded by path like a hub
+    checkpoint: the base of the tests' runs."""
+    return _export_tiny(tmp_path_factory.mktemp("base") / "tiny", **TINY_ARCH)
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +87,10 @@ def main_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def cli_args(synthetic_data) -> Callable[..., list[str]]:
+def cli_args(synthetic_data, tiny_base) -> Callable[..., list[str]]:
     """`cli_args(subcommand, out_dir, objective=, base=, lora=, steps=, logger=, extra=)`: the arguments of a
-    tiny run of `main.py` on the synthetic data (no logger unless `logger` is a W&B save folder)."""
+    tiny run of `main.py` on the synthetic data (no logger unless `logger` is a W&B save folder), from the
+    `base` checkpoint (default: `tiny_base`)."""
 
     def build(
         subcommand: str | None,
@@ -119,10 +134,7 @@ def cli_args(synthetic_data) -> Callable[..., list[str]]:
                 "--trainer.logger.init_args.offline=true",
                 "--trainer.logger.init_args.project=answerability-tests",
             ]
-        if base is not None:
-            args.append(f"--model.init_args.model.name_or_path={base}")
-        else:
-            args += [f"--model.init_args.model.tiny.{key}={value}" for key, value in TINY_ARCH.items()]
+        args.append(f"--model.init_args.model.name_or_path={base if base is not None else tiny_base}")
         if lora:
             args += ["--model.init_args.model.lora.r=4", "--model.init_args.model.lora.alpha=8"]
         return args + list(extra)

@@ -44,6 +44,8 @@ def test_reduced_demo_chain(tmp_path):
         str(out / "tower"),
         cwd=ROOT,
     )
+    _run("-m", "lightning_modules.tiny", "--out", str(out / "tiny"), "--vision-tower", str(out / "tower"),
+         cwd=ROOT)
     base = out / "base"
     _run(
         "main.py",
@@ -56,8 +58,8 @@ def test_reduced_demo_chain(tmp_path):
         "3",
         "--trainer.default_root_dir",
         str(base),
-        "--model.init_args.model.vision_tower",
-        str(out / "tower"),
+        "--model.init_args.model.name_or_path",
+        str(out / "tiny"),
         cwd=ROOT,
     )
     assert (base / "hf_model" / "model.safetensors").exists()

@@ -21,10 +21,10 @@ from datamodules.loading import ExampleDataset
 from datamodules.records import REFUSAL_OPENING, QARecord
 from datamodules.shapes.questions import template_vocabulary
 from datamodules.shapes.world import WorldConfig, sample_scene, write_clip
-from lightning_modules.alignment import MODEL_INPUTS, AlignmentModule
+from lightning_modules.alignment import AlignmentModule
 from lightning_modules.losses import preference_loss, sequence_logps, sft_loss
 from lightning_modules.preference import pair_model_inputs
-from lightning_modules.video_llm import LoraSettings, VideoLLMConfig, load_video_llm
+from lightning_modules.video_llm import MODEL_INPUTS, LoraSettings, VideoLLMConfig, load_video_llm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -179,7 +179,7 @@ def test_full_finetuning_step_and_greedy_generation(family, checkpoint, items):
     for _ in range(20):  # overfit the two examples, checking greedy generation every 10 steps (60-80 needed)
         module.train()
         for _ in range(10):
-            loss = sft_loss(module(batch), batch["labels"])
+            loss, _, _ = sft_loss(module(batch), batch["labels"])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -153,25 +153,44 @@ def test_sft_loss_hand_computed_token_mean():
     a = -log_softmax_at([2.0, 0.0], 1)
     b = -log_softmax_at([1.0, 0.0], 0)
     c = -log_softmax_at([0.0, 3.0], 1)
-    loss = sft_loss(logits, labels)
+    loss, nll, tokens = sft_loss(logits, labels)
     assert loss.item() == pytest.approx((a + b + c) / 3, abs=1e-12)
     assert loss.item() != pytest.approx((a + (b + c) / 2) / 2, abs=1e-3)
+    assert nll.item() == pytest.approx(a + b + c, abs=1e-12) and tokens.item() == 3
 
 
 def test_sft_loss_matches_hf_causal_lm_loss():
     logits, labels = random_batch(seed=6)
     vocab = logits.shape[-1]
     hf = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(sft_loss(logits, labels), hf)
+    torch.testing.assert_close(sft_loss(logits, labels)[0], hf)
 
 
 def test_sft_loss_all_masked_is_zero_and_differentiable():
     logits, labels = random_batch(seed=7)
     logits.requires_grad_(True)
-    loss = sft_loss(logits, torch.full_like(labels, -100))
-    assert loss.item() == 0.0
+    loss, nll, tokens = sft_loss(logits, torch.full_like(labels, -100))
+    assert loss.item() == 0.0 and nll.item() == 0.0 and tokens.item() == 0
     loss.backward()
     assert torch.all(logits.grad == 0)
+
+
+def test_sft_loss_of_an_accumulation_window_is_its_summed_nll_over_its_tokens():
+    """What training does over micro-batches (and ranks): backpropagate each one's `nll` and divide the
+    gradients by the window's tokens. That is the loss of the whole window as one batch, in value and in
+    gradient, not the mean of the micro-batches' losses (their token counts differ)."""
+    logits, labels = random_batch(seed=9, batch=4)
+    logits.requires_grad_(True)
+    whole, _, _ = sft_loss(logits, labels)
+    expected = torch.autograd.grad(whole, logits)[0]
+    parts = [sft_loss(logits[rows], labels[rows]) for rows in (slice(0, 1), slice(1, 4))]
+    assert parts[0][2] != parts[1][2], "micro-batches of different token counts"
+    tokens = sum(part[2] for part in parts)
+    window = sum(part[1] for part in parts) / tokens
+    torch.testing.assert_close(window, whole)
+    torch.testing.assert_close(torch.autograd.grad(window, logits)[0], expected)
+    mean_of_losses = sum(part[0] for part in parts) / 2
+    assert not torch.isclose(mean_of_losses, whole)
 
 
 # ---------------------------------------------------------------- preference_loss
@@ -314,7 +333,7 @@ def test_dpo_with_sft_zero_weight_is_mean():
 def test_chosen_nll_equals_sft_loss_on_chosen_sequences():
     logits, labels = random_batch(seed=8)
     chosen_logps, counts = sequence_logps(logits, labels)
-    torch.testing.assert_close(chosen_nll(chosen_logps, counts), sft_loss(logits, labels))
+    torch.testing.assert_close(chosen_nll(chosen_logps, counts), sft_loss(logits, labels)[0])
 
 
 def test_pair_logps_scores_each_response_from_its_own_context():

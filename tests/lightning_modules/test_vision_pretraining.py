@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.shapes.frames import LABELS
-from lightning_modules.video_llm import TinyArchitecture, VideoLLMConfig, load_video_llm
+from lightning_modules.tiny import TinyArchitecture
+from lightning_modules.video_llm import VideoLLMConfig, load_video_llm
 from lightning_modules.vision_pretraining import VisionPretraining
 
 ARCH = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 48, "text_layers": 1,
@@ -80,12 +81,13 @@ def test_concept_heads_are_log_odds_against_no_object():
     assert torch.allclose(concept[:, start:], raw[:, start:]), "the centre rows are kept"
 
 
-def test_the_pretrained_tower_starts_the_projector_as_concept_to_word(pretrained_tower):
+def test_the_pretrained_tower_starts_the_projector_as_concept_to_word(pretrained_tower, tmp_path,
+                                                                      export_tiny):
     info = json.loads((pretrained_tower / "cell_heads.json").read_text())
     assert (pretrained_tower / "config.json").is_file() and info["typical_logit"] >= 1.0
     assert [axis["positive"] for axis in info["axes"]] == ["right", "below"]
-    config = VideoLLMConfig(vision_tower=str(pretrained_tower), tiny=TinyArchitecture(**ARCH))
-    model, processor = load_video_llm(config)
+    exported = export_tiny(tmp_path / "tiny", f"--vision-tower={pretrained_tower}", **ARCH)
+    model, processor = load_video_llm(VideoLLMConfig(name_or_path=str(exported)))
     projector, words = model.model.multi_modal_projector, processor.tokenizer.get_vocab()
     embeddings = model.get_input_embeddings().weight
     classes = info["classes"]
