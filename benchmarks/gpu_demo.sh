@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The embedded demo's training and evaluation on GPUs: bf16 mixed precision, DDP over every visible GPU
 # (configs/trainer/ddp.yaml), the seconds of each stage, and the combined table at the end.
-# It needs the synthetic data and the pretrained vision tower under outputs/shapes/ (the first two steps of
-# `make demo`; a CPU does them in about 3 minutes) and writes everything else under OUT.
+# It needs the synthetic data, the pretrained vision tower and the exported tiny model under outputs/shapes/
+# (the first three steps of `make demo`; a CPU does them in about 4 minutes) and writes everything else under OUT.
 #   bash benchmarks/gpu_demo.sh [OUT]          (default OUT: outputs/gpu_demo)
 # PYTHON, ACCELERATOR (gpu), PRECISION (bf16-mixed) and EXTRA (more flags for every command) override.
 set -euo pipefail
