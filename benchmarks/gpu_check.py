@@ -51,7 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from datamodules.answerability import ChatCollator, Example, ExampleDataset  # noqa: E402
+from datamodules.collation import ChatCollator, Example  # noqa: E402
+from datamodules.loading import ExampleDataset  # noqa: E402
 from datamodules.records import read_records  # noqa: E402
 from lightning_modules.video_llm import LoraSettings, VideoLLMConfig  # noqa: E402
 

@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from tiny_families import EXTRA_WORDS, FAMILIES, TEST_TEMPLATES, real_template
+from tiny_families import EXTRA_WORDS, FAMILIES, TEST_TEMPLATES, checkpoint_builder, real_template
 
 from datamodules.batch_format import IGNORE_INDEX, Segment
 from datamodules.collation import ChatCollator, Example
@@ -45,14 +45,7 @@ families = pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """family -> folder of its tiny checkpoint (model + processor), built once per module."""
-    built: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in built:
-            built[family] = str(FAMILIES[family](tmp_path_factory.mktemp(family), VOCABULARY))
-        return built[family]
-
-    return get
+    return checkpoint_builder(tmp_path_factory.mktemp, VOCABULARY)
 
 
 @pytest.fixture(scope="module")

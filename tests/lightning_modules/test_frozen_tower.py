@@ -15,9 +15,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from tiny_families import EXTRA_WORDS, FAMILIES
+from tiny_families import EXTRA_WORDS, FAMILIES, checkpoint_builder
 
-from datamodules.answerability import ChatCollator, Example
+from datamodules.collation import ChatCollator, Example
 from datamodules.records import QARecord
 from datamodules.shapes.questions import template_vocabulary
 from datamodules.shapes.world import sample_scene
@@ -41,14 +41,7 @@ families = pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """family -> folder of its tiny checkpoint, built once per module."""
-    built: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in built:
-            built[family] = str(FAMILIES[family](tmp_path_factory.mktemp(family), VOCABULARY))
-        return built[family]
-
-    return get
+    return checkpoint_builder(tmp_path_factory.mktemp, VOCABULARY)
 
 
 @pytest.fixture(scope="module")

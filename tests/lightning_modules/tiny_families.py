@@ -213,3 +213,20 @@ TEST_TEMPLATES = {"llava_next_video": TINY_CHAT_TEMPLATE, "video_llava": VIDEO_L
                   "llava_onevision": ONEVISION_TEMPLATE}
 """The templates written for the tests (LLaVA-NeXT-Video: the embedded tiny model's); each closes the
 assistant turn with the end-of-turn token itself."""
+
+
+def checkpoint_builder(root: Callable[[str], Path], vocabulary: list[str]) -> Callable[[str], str]:
+    """`get(family)`: the folder of the family's tiny checkpoint, built on first use in `root(family)` (e.g.
+    `tmp_path_factory.mktemp`) from seed 0, so its random weights do not depend on the tests run before."""
+    import torch
+
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                built[family] = str(FAMILIES[family](root(family), vocabulary))
+        return built[family]
+
+    return get
