@@ -58,7 +58,8 @@ def test_a_corrupt_cache_file_is_one_line_saying_to_delete_it(tmp_path, content,
         cache.load()
     assert isinstance(raised.value, UserError)
     message = str(raised.value)
-    assert message.startswith(f"{path}: not a reference log-probability cache of this run ({problem}"), message
+    expected = f"{path}: not a reference log-probability cache of this run ({problem}"
+    assert message.startswith(expected), message
     assert message.endswith("; delete the file (the reference pass computes it again)")
     assert "\n" not in message
     assert cache.pairs == {}, "nothing of a corrupt file is taken"
