@@ -36,6 +36,7 @@ from datamodules.batch_format import Segment
 from datamodules.errors import UserError
 from datamodules.records import JSONProblem, atomic_write, parse_json
 from lightning_modules.losses import pair_logps
+from lightning_modules.run_folder import SigtermNoted
 from lightning_modules.video_llm import model_inputs
 
 # Attention implementations that take a custom 4-D mask: a boolean one (SDPA) or an additive one (eager).
@@ -388,9 +389,9 @@ class DPOReference(nn.Module):
         this rank's share, gathered on every rank and saved by rank 0. The cache must be open. Returns the
         number of pairs computed, on all ranks together.
 
-        A SIGTERM (Lightning's `trainer.received_sigterm`) ends each rank's share at the next batch: the pairs
-        computed so far are gathered and saved all the same, then every rank raises `ReferencePassStopped`,
-        and a rerun computes only the rest."""
+        A SIGTERM ends a rank's share at the next batch (noted by `SigtermNoted`: Lightning installs its own
+        handler only after `on_fit_start`): the pairs computed so far are gathered and saved all the same,
+        then every rank raises `ReferencePassStopped`, and a rerun computes only the rest."""
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError(
@@ -413,9 +414,12 @@ class DPOReference(nn.Module):
         ]
         # In the training steps' precision (autocast under bf16-mixed), so that before the first update the
         # policy's log-probabilities equal the reference's and the implicit rewards start at zero.
-        with trainer.precision_plugin.forward_context():
-            progress = self._run_pass(llm, itertools.chain(*shares), to_device,
-                                      stop=lambda: trainer.received_sigterm)  # then a copy is freed
+        launcher = trainer.strategy.launcher
+        with SigtermNoted(launcher.kill if launcher is not None else None) as sigterm:
+            with trainer.precision_plugin.forward_context():
+                progress = self._run_pass(llm, itertools.chain(*shares), to_device,
+                                          stop=lambda: sigterm.received)  # then a copy is freed
+            progress.stopped = progress.stopped or sigterm.received  # also one after the last batch
         if trainer.world_size > 1:
             gathered: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(gathered, (self.cache.pairs, progress))

@@ -9,6 +9,8 @@ half-linked, a checkpoint on SIGTERM, and the `last` checkpoint found even when 
   renamed over the old one (a kill leaves the old link or the new one, never none), and which saves a
   checkpoint when the run is stopped by SIGTERM (a scheduler's preemption), so `--ckpt_path last` resumes.
 - `StopOnSigterm`: `predict` stops at the next batch after a SIGTERM, as `fit` and `test` do.
+- `SigtermNoted`: SIGTERM noted, not fatal, in work that runs before Lightning installs its handler (DPO's
+  reference pass, in `on_fit_start`), so that the work can save what it did and stop.
 - `check_checkpoint`: a damaged checkpoint file is one line naming it, not a traceback from the loader.
 - `check_model_settings`, `check_trainable_keys`: a checkpoint of another model than the config's (another
   base, full fine-tuning for LoRA, other LoRA settings) is one line naming what differs, never scored in its
@@ -22,7 +24,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +206,35 @@ class StopOnSigterm(Callback):
     def on_predict_batch_end(self, trainer: Any, *args: Any) -> None:
         if trainer.received_sigterm:
             raise SIGTERMException
+
+
+class SigtermNoted:
+    """A context in which a SIGTERM is noted (`received`) instead of ending the process, for work that runs
+    before Lightning installs its own handler (it does so after `on_fit_start`); at exit the previous handler
+    is back. `forward(signum)` is called at the first signal (Lightning's handler passes it on to the ranks
+    its launcher started). Outside the main thread no handler can be set, and nothing is noted."""
+
+    def __init__(self, forward: Callable[[int], None] | None = None):
+        self.forward = forward
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> SigtermNoted:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+            self._installed = True
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if not self.received and self.forward is not None:
+            self.forward(signum)
+        self.received = True
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
 
 
 def last_checkpoint(folder: str | os.PathLike) -> Path | None:

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -546,6 +548,61 @@ def test_sigterm_in_test_or_predict_exits_143_saying_nothing_was_written(subcomm
     assert error_line(capsys) == (f"error: {subcommand} stopped by SIGTERM before its end: nothing was "
                                   f"written to {out}")
     assert not (out / "predictions.jsonl").exists() and not (out / "metrics.json").exists()
+
+
+def test_sigterm_in_the_dpo_reference_pass_saves_the_pairs_done_and_a_rerun_computes_the_rest(
+        tmp_path, cli_args, run_main, monkeypatch, capsys):
+    """A SIGTERM while the reference pass computes its second batch (of 4 pairs): the pass stops after that
+    batch, saves its 8 pairs, and `fit` exits 143 saying so; the same command again computes only the rest."""
+    from lightning_modules.preference import DPOReference
+    from main import main
+
+    computed: list[int] = []  # the pairs of each batch the reference computes
+    logps, signal_at = DPOReference.logps, [2]
+
+    def counted(self, llm, batch):
+        computed.append(len(batch["ids"]))
+        if len(computed) in signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; the batch goes on
+        return logps(self, llm, batch)
+
+    monkeypatch.setattr(DPOReference, "logps", counted)
+    out = tmp_path / "run"
+    args = cli_args("fit", out, objective="dpo", lora=True, steps=1)
+    assert main(args) == 143
+    line = error_line(capsys)
+    (cache,) = (out / "reference_logps").glob("*.json")
+    match = re.fullmatch(r"error: fit stopped by SIGTERM in the DPO reference pass, before training: "
+                         rf"reference pass: 8 of (\d+) pairs saved to {re.escape(str(cache))}; rerun the "
+                         "same command to compute the rest", line)
+    assert match, line
+    assert computed == [4, 4] and len(json.loads(cache.read_text())["pairs"]) == 8
+    assert not (out / "checkpoints").exists() and not (out / "hf_model").exists()
+
+    computed.clear()
+    signal_at.clear()
+    rerun = run_main(args)
+    total = len(json.loads(cache.read_text())["pairs"])
+    assert total == int(match[1]) > 8
+    assert sum(computed) == total - 8, "only the pairs the stopped pass did not save"
+    assert rerun.trainer.global_step == 1
+
+
+def test_a_corrupt_reference_cache_is_one_line_saying_to_delete_it(tmp_path, lora_dpo_run, cli_args, capsys):
+    """A cache file of this reference made unreadable: `fit` stops with one line naming it, before
+    training."""
+    from main import main
+
+    folder = tmp_path / "reference_logps"
+    shutil.copytree(lora_dpo_run.out / "reference_logps", folder)
+    (cache,) = folder.glob("*.json")
+    cache.write_bytes(os.urandom(300))
+    args = cli_args("fit", tmp_path / "run", objective="dpo", base=lora_dpo_run.base, lora=True, steps=1,
+                    extra=[f"--model.init_args.reference_cache_dir={folder}"])
+    assert main(args) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {cache}: not a reference log-probability cache of this run ("), line
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_second_command_into_a_busy_run_folder_stops_at_once(tmp_path, cli_args, capsys):
