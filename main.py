@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.errors import user_error_message
+from lightning_modules.preference import ReferencePassStopped
 from lightning_modules.run_folder import CheckpointError, RunFolderLock, check_checkpoint, last_checkpoint
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by the signal
@@ -119,15 +120,19 @@ class AnswerabilityCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
-        except SIGTERMException:
-            raise Terminated(self._terminated(subcommand)) from None
+        except SIGTERMException as stopped:
+            raise Terminated(self._terminated(subcommand, stopped)) from None
         finally:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
 
-    def _terminated(self, subcommand: str) -> str:
-        """What a SIGTERM left: `fit` saves a checkpoint (`RunCheckpoint`), the others write at their end."""
+    def _terminated(self, subcommand: str, stopped: SIGTERMException) -> str:
+        """What a SIGTERM left: `fit` saves a checkpoint (`RunCheckpoint`), or in DPO's reference pass, before
+        training, the pairs computed so far (`ReferencePassStopped`); the others write at their end."""
+        if isinstance(stopped, ReferencePassStopped):
+            return (f"fit stopped by SIGTERM in the DPO reference pass, before training: {stopped}; rerun "
+                    "the same command to compute the rest")
         if subcommand != "fit":
             folder = self._run_folder()
             return f"{subcommand} stopped by SIGTERM before its end: nothing was written to {folder}"

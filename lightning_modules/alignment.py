@@ -23,7 +23,12 @@ from datamodules.records import read_predictions, write_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
 from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
 from lightning_modules.preference import DPOReference, ReferenceCache, score_pairs
-from lightning_modules.run_folder import RunCheckpoint, StopOnSigterm
+from lightning_modules.run_folder import (
+    RunCheckpoint,
+    StopOnSigterm,
+    check_model_settings,
+    check_trainable_keys,
+)
 from lightning_modules.video_llm import (
     VideoLLMConfig,
     count_parameters,
@@ -44,7 +49,8 @@ class AlignmentModule(L.LightningModule):
 
     Hooks: `training_step`/`validation_step` share `model_step`; `on_train_start` installs the learning-rate
     schedule; `test_step` and `predict_step` generate; `test_step` hands the responses to `self.evaluator`
-    and `on_test_epoch_end` writes its reports; `on_save_checkpoint` keeps only trainable weights;
+    and `on_test_epoch_end` writes its reports; `on_save_checkpoint` keeps only trainable weights and the
+    model settings they belong to, which `on_load_checkpoint` checks against the config;
     `on_train_end` exports the model (a peft adapter with LoRA) for `from_pretrained`.
     """
 
@@ -298,12 +304,29 @@ class AlignmentModule(L.LightningModule):
         )
 
     # --------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Under FSDP parameter names carry its wrappers' prefixes; the checkpoint's keys do not.
+    def trainable_keys(self) -> set[str]:
+        """The checkpoint keys of the trainable weights: "llm." and the parameter's name, without the
+        prefixes of FSDP's wrappers (which the checkpoint's keys do not carry)."""
         wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
         names = [name for name, p in self.llm.named_parameters() if p.requires_grad]
-        trainable = {"llm." + functools.reduce(lambda n, w: n.replace(w, ""), wrappers, n) for n in names}
+        return {"llm." + functools.reduce(lambda n, w: n.replace(w, ""), wrappers, n) for n in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint[MODEL_SETTINGS] = model_settings(self.config)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints hold the trainable weights only, so the module loads with `strict_loading=False`, which
+        # would drop a checkpoint of another model's weights without a word and score the initial one: the
+        # checkpoint's model settings (from `on_save_checkpoint`; none in older checkpoints) and keys are
+        # checked first. (DeepSpeed keeps the weights out of the checkpoint dict: then settings only.)
+        path = self.trainer.ckpt_path if self._trainer is not None else None
+        where = f"--ckpt_path {path}" if path else "the checkpoint"
+        if checkpoint.get(MODEL_SETTINGS) is not None:
+            check_model_settings(where, checkpoint[MODEL_SETTINGS], model_settings(self.config))
+        if "state_dict" in checkpoint:
+            check_trainable_keys(where, checkpoint["state_dict"], self.trainable_keys())
 
     def on_train_end(self) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -404,6 +427,30 @@ class AlignmentModule(L.LightningModule):
         if paths is not None:
             print(f"wrote {', '.join(str(p) for p in paths.values())}")
         self.evaluator.reset()
+
+
+MODEL_SETTINGS = "model_settings"
+"""The checkpoint key of the model settings its weights belong to (`model_settings`)."""
+
+
+def model_settings(config: VideoLLMConfig) -> dict[str, Any]:
+    """The settings a checkpoint's weights belong to, saved in it and checked on load: the base model and,
+    with LoRA (None: full fine-tuning), the adapters' rank, scaling, target modules and fully trained modules.
+    Not the objective: an SFT checkpoint may be scored or trained further with a DPO config."""
+
+    def names(value: Any) -> Any:  # the order of module names does not matter to peft
+        return sorted(value) if isinstance(value, (list, tuple)) else value
+
+    lora = config.lora
+    return {
+        "name_or_path": str(config.name_or_path),
+        "lora": None if lora is None else {
+            "r": lora.r,
+            "alpha": lora.alpha,
+            "target_modules": names(lora.target_modules),
+            "modules_to_save": names(lora.modules_to_save),
+        },
+    }
 
 
 def warmup_cosine(

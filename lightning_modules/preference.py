@@ -20,18 +20,23 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from datamodules.batch_format import Segment
-from datamodules.records import atomic_write
+from datamodules.errors import UserError
+from datamodules.records import JSONProblem, atomic_write, parse_json
 from lightning_modules.losses import pair_logps
+from lightning_modules.run_folder import SigtermNoted
 from lightning_modules.video_llm import model_inputs
 
 # Attention implementations that take a custom 4-D mask: a boolean one (SDPA) or an additive one (eager).
@@ -180,6 +185,19 @@ def reference_identity(
     }
 
 
+class ReferenceCacheError(UserError):
+    """A reference-cache file that cannot be read as this run's cache."""
+
+
+def _is_entry(entry: Any) -> bool:
+    """Whether a cache file's pair entry is [digest, chosen, rejected]: a string and two finite numbers."""
+    numbers = entry[1:] if isinstance(entry, list) else ()
+    return (
+        isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers)
+    )
+
+
 class ReferenceCache:
     """Reference log-probabilities of pairs: record id -> (pair digest, chosen, rejected), in memory and in
     one JSON file per reference identity (`<folder>/<key>.json`, written atomically; no file without a
@@ -192,17 +210,33 @@ class ReferenceCache:
         self.pairs: dict[str, tuple[str, float, float]] = {}
 
     def load(self) -> int:
-        """Read the file if there is one (its identity must match); returns the number of pairs read."""
+        """Read the file if there is one (its identity must match); returns the number of pairs read. A file
+        that is not such a cache (damaged, cut short, edited) is a `ReferenceCacheError` naming it."""
         if self.path is None or not self.path.is_file():
             return 0
         try:
-            data = json.loads(self.path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{self.path}: not a reference log-probability cache ({error.msg})") from None
+            data = parse_json(self.path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise self._damaged("not UTF-8 text") from None
+        except JSONProblem as problem:
+            raise self._damaged(problem.problem) from None
+        if not isinstance(data, dict) or not isinstance(data.get("pairs"), dict):
+            raise self._damaged("no 'pairs' object")
         if data.get("identity") != self.identity:
-            raise ValueError(f"{self.path}: its reference identity differs from this run's; delete the file")
-        self.pairs.update({i: (d, float(c), float(r)) for i, (d, c, r) in data["pairs"].items()})
-        return len(data["pairs"])
+            raise self._damaged("its reference identity differs from this run's")
+        pairs = {}
+        for record, entry in data["pairs"].items():
+            if not _is_entry(entry):
+                raise self._damaged(f"pair {record!r} is not [digest, chosen log-probability, rejected one]")
+            pairs[record] = (entry[0], float(entry[1]), float(entry[2]))
+        self.pairs.update(pairs)
+        return len(pairs)
+
+    def _damaged(self, problem: str) -> ReferenceCacheError:
+        return ReferenceCacheError(
+            f"{self.path}: not a reference log-probability cache of this run ({problem}); delete the file "
+            "(the reference pass computes it again)"
+        )
 
     def save(self) -> None:
         if self.path is None:
@@ -239,6 +273,26 @@ class ReferenceCache:
 
 
 # ---------------------------------------------------------------------------------- the reference
+@dataclass
+class PassProgress:
+    """How far a reference pass went: pairs computed, pairs gone through (computed or found in the cache),
+    and whether a SIGTERM stopped it before its end."""
+
+    computed: int = 0
+    done: int = 0
+    stopped: bool = False
+
+
+class ReferencePassStopped(SIGTERMException):
+    """A SIGTERM during `fit`'s reference pass, raised after the pairs gone through were saved: `saved` of
+    the pass's `total` pairs are in the cache file `path`."""
+
+    def __init__(self, saved: int, total: int, path: Path | None):
+        where = f" to {path}" if path is not None else ""
+        super().__init__(f"reference pass: {saved} of {total} pairs saved{where}")
+        self.saved, self.total, self.path = saved, total, path
+
+
 class DPOReference(nn.Module):
     """DPO's reference: the initial policy's log-probabilities of the pairs.
 
@@ -308,21 +362,36 @@ class DPOReference(nn.Module):
         """Compute the reference log-probabilities of these DPO batches' pairs that the (open) cache lacks,
         each batch moved by `to_device` first; then a frozen copy is freed. Returns the number of pairs
         computed."""
-        cache, computed = self.cache, 0
+        return self._run_pass(llm, batches, to_device).computed
+
+    def _run_pass(self, llm: nn.Module, batches: Iterable[dict[str, Any]],
+                  to_device: Callable[[dict[str, Any]], dict[str, Any]],
+                  stop: Callable[[], bool] = lambda: False) -> PassProgress:
+        """`precompute`, asking `stop` before each batch: when it says so (a SIGTERM) the pass ends there,
+        with the pairs computed so far in the cache."""
+        cache, progress = self.cache, PassProgress()
         for batch in batches:
+            if stop():
+                progress.stopped = True
+                break
+            progress.done += len(batch["ids"])
             if not cache.missing(batch["ids"], batch["pair_digests"]):
                 continue
             batch = to_device(dict(batch))
             cache.add(batch["ids"], batch["pair_digests"], self.logps(llm, batch))
-            computed += len(batch["ids"])
+            progress.computed += len(batch["ids"])
         self.frozen = None  # the log-probabilities are all the reference is needed for
-        return computed
+        return progress
 
     def precompute_for_fit(self, trainer: Any, llm: nn.Module,
                            to_device: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
         """The reference pass of `fit`: every training and validation pair of the trainer's datamodule,
         this rank's share, gathered on every rank and saved by rank 0. The cache must be open. Returns the
-        number of pairs computed, on all ranks together."""
+        number of pairs computed, on all ranks together.
+
+        A SIGTERM ends a rank's share at the next batch (noted by `SigtermNoted`: Lightning installs its own
+        handler only after `on_fit_start`): the pairs computed so far are gathered and saved all the same,
+        then every rank raises `ReferencePassStopped`, and a rerun computes only the rest."""
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError(
@@ -345,15 +414,26 @@ class DPOReference(nn.Module):
         ]
         # In the training steps' precision (autocast under bf16-mixed), so that before the first update the
         # policy's log-probabilities equal the reference's and the implicit rewards start at zero.
-        with trainer.precision_plugin.forward_context():
-            computed = self.precompute(llm, itertools.chain(*shares), to_device)  # then a copy is freed
+        launcher = trainer.strategy.launcher
+        with SigtermNoted(launcher.kill if launcher is not None else None) as sigterm:
+            with trainer.precision_plugin.forward_context():
+                progress = self._run_pass(llm, itertools.chain(*shares), to_device,
+                                          stop=lambda: sigterm.received)  # then a copy is freed
+            progress.stopped = progress.stopped or sigterm.received  # also one after the last batch
         if trainer.world_size > 1:
             gathered: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(gathered, (self.cache.pairs, computed))
+            dist.all_gather_object(gathered, (self.cache.pairs, progress))
             for pairs, _ in gathered:
                 self.cache.pairs.update(pairs)
-            computed = sum(count for _, count in gathered)
-        if trainer.is_global_zero and computed:
+            progress = PassProgress(
+                computed=sum(share.computed for _, share in gathered),
+                done=sum(share.done for _, share in gathered),
+                stopped=any(share.stopped for _, share in gathered),
+            )
+        if trainer.is_global_zero and progress.computed:
             self.cache.save()
         trainer.strategy.barrier("reference log-probabilities")
-        return computed
+        if progress.stopped:
+            total = sum(len(loader.dataset) for loader in loaders)
+            raise ReferencePassStopped(progress.done, total, self.cache.path)
+        return progress.computed

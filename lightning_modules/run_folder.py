@@ -9,7 +9,12 @@ half-linked, a checkpoint on SIGTERM, and the `last` checkpoint found even when 
   renamed over the old one (a kill leaves the old link or the new one, never none), and which saves a
   checkpoint when the run is stopped by SIGTERM (a scheduler's preemption), so `--ckpt_path last` resumes.
 - `StopOnSigterm`: `predict` stops at the next batch after a SIGTERM, as `fit` and `test` do.
+- `SigtermNoted`: SIGTERM noted, not fatal, in work that runs before Lightning installs its handler (DPO's
+  reference pass, in `on_fit_start`), so that the work can save what it did and stop.
 - `check_checkpoint`: a damaged checkpoint file is one line naming it, not a traceback from the loader.
+- `check_model_settings`, `check_trainable_keys`: a checkpoint of another model than the config's (another
+  base, full fine-tuning for LoRA, other LoRA settings) is one line naming what differs, never scored in its
+  place (the module loads with `strict_loading=False`, which would drop its weights without a word).
 - `last_checkpoint`: the file `--ckpt_path last` means: `last.ckpt` when it resolves, else the newest
   complete checkpoint of the folder.
 """
@@ -19,6 +24,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +64,57 @@ def check_checkpoint(path: str | os.PathLike, setting: str = "--ckpt_path") -> N
         raise CheckpointError(
             f"{setting} {path}: the checkpoint file is damaged (cut short?); delete it, or give another"
         ) from None
+
+
+def check_model_settings(where: str, saved: dict[str, Any], config: dict[str, Any]) -> None:
+    """A `CheckpointError` when the model settings a checkpoint was saved with (`saved`) differ from the
+    config's (`config`), both as `AlignmentModule.model_settings` gives them, naming each difference. `where`
+    names the checkpoint, e.g. "--ckpt_path FILE"."""
+    differences = []
+    if not _same_base(saved.get("name_or_path"), config.get("name_or_path")):
+        differences.append(f"model.name_or_path {saved.get('name_or_path')!r} in the checkpoint, "
+                           f"{config.get('name_or_path')!r} in the config")
+    saved_lora, lora = saved.get("lora"), config.get("lora")
+    if (saved_lora is None) != (lora is None):
+        kinds = ("full fine-tuning", "LoRA") if saved_lora is None else ("LoRA", "full fine-tuning")
+        differences.append(f"model.lora: {kinds[0]} in the checkpoint, {kinds[1]} in the config")
+    elif lora is not None:
+        for key in sorted(set(saved_lora) | set(lora)):
+            if saved_lora.get(key) != lora.get(key):
+                differences.append(f"model.lora.{key} {saved_lora.get(key)} in the checkpoint, "
+                                   f"{lora.get(key)} in the config")
+    if differences:
+        raise CheckpointError(
+            f"{where}: a checkpoint of another model than the config's ({'; '.join(differences)}); give the "
+            "checkpoint of a run with this config's model settings, or the settings it was trained with"
+        )
+
+
+def _same_base(saved: Any, config: Any) -> bool:
+    """The same base model: the same name, or two spellings of one existing local folder."""
+    if saved == config:
+        return True
+    if not isinstance(saved, str) or not isinstance(config, str):
+        return False
+    return Path(saved).exists() and Path(config).exists() and Path(saved).resolve() == Path(config).resolve()
+
+
+def check_trainable_keys(where: str, saved: Iterable[str], trainable: Iterable[str]) -> None:
+    """A `CheckpointError` when a checkpoint's weights (`saved` keys) are not the model's trainable ones:
+    some missing (they would keep their initial values) or unexpected (they would be dropped), with the
+    count and the first few of each."""
+    saved, trainable = set(saved), set(trainable)
+    problems = []
+    for kind, keys in (("missing", trainable - saved), ("unexpected", saved - trainable)):
+        if keys:
+            first = ", ".join(sorted(keys)[:3]) + (", ..." if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {kind} ({first})")
+    if problems:
+        raise CheckpointError(
+            f"{where}: the checkpoint does not hold this model's trainable weights: {'; '.join(problems)}; "
+            "it was saved from another model or LoRA setting: give the checkpoint of a run with this "
+            "config's model settings"
+        )
 
 
 class RunFolderLock:
@@ -147,6 +206,35 @@ class StopOnSigterm(Callback):
     def on_predict_batch_end(self, trainer: Any, *args: Any) -> None:
         if trainer.received_sigterm:
             raise SIGTERMException
+
+
+class SigtermNoted:
+    """A context in which a SIGTERM is noted (`received`) instead of ending the process, for work that runs
+    before Lightning installs its own handler (it does so after `on_fit_start`); at exit the previous handler
+    is back. `forward(signum)` is called at the first signal (Lightning's handler passes it on to the ranks
+    its launcher started). Outside the main thread no handler can be set, and nothing is noted."""
+
+    def __init__(self, forward: Callable[[int], None] | None = None):
+        self.forward = forward
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> SigtermNoted:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+            self._installed = True
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if not self.received and self.forward is not None:
+            self.forward(signum)
+        self.received = True
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
 
 
 def last_checkpoint(folder: str | os.PathLike) -> Path | None:

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -548,6 +550,61 @@ def test_sigterm_in_test_or_predict_exits_143_saying_nothing_was_written(subcomm
     assert not (out / "predictions.jsonl").exists() and not (out / "metrics.json").exists()
 
 
+def test_sigterm_in_the_dpo_reference_pass_saves_the_pairs_done_and_a_rerun_computes_the_rest(
+        tmp_path, cli_args, run_main, monkeypatch, capsys):
+    """A SIGTERM while the reference pass computes its second batch (of 4 pairs): the pass stops after that
+    batch, saves its 8 pairs, and `fit` exits 143 saying so; the same command again computes only the rest."""
+    from lightning_modules.preference import DPOReference
+    from main import main
+
+    computed: list[int] = []  # the pairs of each batch the reference computes
+    logps, signal_at = DPOReference.logps, [2]
+
+    def counted(self, llm, batch):
+        computed.append(len(batch["ids"]))
+        if len(computed) in signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; the batch goes on
+        return logps(self, llm, batch)
+
+    monkeypatch.setattr(DPOReference, "logps", counted)
+    out = tmp_path / "run"
+    args = cli_args("fit", out, objective="dpo", lora=True, steps=1)
+    assert main(args) == 143
+    line = error_line(capsys)
+    (cache,) = (out / "reference_logps").glob("*.json")
+    match = re.fullmatch(r"error: fit stopped by SIGTERM in the DPO reference pass, before training: "
+                         rf"reference pass: 8 of (\d+) pairs saved to {re.escape(str(cache))}; rerun the "
+                         "same command to compute the rest", line)
+    assert match, line
+    assert computed == [4, 4] and len(json.loads(cache.read_text())["pairs"]) == 8
+    assert not (out / "checkpoints").exists() and not (out / "hf_model").exists()
+
+    computed.clear()
+    signal_at.clear()
+    rerun = run_main(args)
+    total = len(json.loads(cache.read_text())["pairs"])
+    assert total == int(match[1]) > 8
+    assert sum(computed) == total - 8, "only the pairs the stopped pass did not save"
+    assert rerun.trainer.global_step == 1
+
+
+def test_a_corrupt_reference_cache_is_one_line_saying_to_delete_it(tmp_path, lora_dpo_run, cli_args, capsys):
+    """A cache file of this reference made unreadable: `fit` stops with one line naming it, before
+    training."""
+    from main import main
+
+    folder = tmp_path / "reference_logps"
+    shutil.copytree(lora_dpo_run.out / "reference_logps", folder)
+    (cache,) = folder.glob("*.json")
+    cache.write_bytes(os.urandom(300))
+    args = cli_args("fit", tmp_path / "run", objective="dpo", base=lora_dpo_run.base, lora=True, steps=1,
+                    extra=[f"--model.init_args.reference_cache_dir={folder}"])
+    assert main(args) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {cache}: not a reference log-probability cache of this run ("), line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_second_command_into_a_busy_run_folder_stops_at_once(tmp_path, cli_args, capsys):
     from lightning_modules.run_folder import RunFolderLock
     from main import main
@@ -587,6 +644,88 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path, cli_args, run_main, capsys):
     assert main(cli_args("test", out, extra=[f"--ckpt_path={target}"])) == 2
     assert error_line(capsys) == (f"error: --ckpt_path {target}: the checkpoint file is damaged (cut "
                                   "short?); delete it, or give another")
+
+
+# ------------------------------------------------------------------------------- checkpoints of another model
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cli_args, run_main):
+    """One step of full fine-tuning SFT on the tiny base: a full checkpoint and an exported model, as the
+    demo's base run leaves them (the base of the next stage's LoRA runs)."""
+    out = tmp_path_factory.mktemp("full")
+    run_main(cli_args("fit", out, steps=1, extra=["--trainer.limit_val_batches=0"]))
+    return out
+
+
+def mismatch_cases(full, lora_run) -> dict[str, tuple[list[str], Path, str]]:
+    """name: (arguments of `test`, checkpoint, the difference its error line names)."""
+    lora_ckpt = lora_run.out / "checkpoints" / "last.ckpt"
+    qkvo = "['k_proj', 'o_proj', 'q_proj', 'v_proj']"
+    return {
+        # the issue's `test -c configs/shapes/sft.yaml --ckpt_path outputs/shapes/base/checkpoints/last.ckpt`
+        "the base's full checkpoint": (
+            ["--model.init_args.model.name_or_path=" + str(full / "hf_model"), *LORA],
+            full / "checkpoints" / "last.ckpt",
+            f"model.name_or_path {str(lora_run.base)!r} in the checkpoint, {str(full / 'hf_model')!r} in the "
+            "config; model.lora: full fine-tuning in the checkpoint, LoRA in the config"),
+        "other target_modules": (
+            [*LORA, "--model.init_args.model.lora.target_modules=[q_proj,v_proj]"], lora_ckpt,
+            f"model.lora.target_modules {qkvo} in the checkpoint, ['q_proj', 'v_proj'] in the config"),
+        "modules_to_save": (
+            [*LORA, "--model.init_args.model.lora.modules_to_save=[multi_modal_projector]"], lora_ckpt,
+            "model.lora.modules_to_save [] in the checkpoint, ['multi_modal_projector'] in the config"),
+        "another base": (
+            [*LORA, "--model.init_args.model.name_or_path=" + str(full / "hf_model")], lora_ckpt,
+            f"model.name_or_path {str(lora_run.base)!r} in the checkpoint, {str(full / 'hf_model')!r} in the "
+            "config"),
+        "another lora.r": (
+            [*LORA, "--model.init_args.model.lora.r=8"], lora_ckpt,
+            "model.lora.r 4 in the checkpoint, 8 in the config"),
+    }
+
+
+LORA = ["--model.init_args.model.lora.r=4", "--model.init_args.model.lora.alpha=8"]  # lora_dpo_run's
+
+
+@pytest.mark.parametrize("case", ["the base's full checkpoint", "other target_modules", "modules_to_save",
+                                  "another base", "another lora.r"])
+def test_a_checkpoint_of_another_model_is_one_line_naming_what_differs(case, tmp_path, full_run, lora_dpo_run,
+                                                                       cli_args, capsys):
+    """`strict_loading=False` would drop such a checkpoint's weights and score the initial model with exit 0
+    (or, for another rank, dump a size mismatch): the saved model settings are checked against the config's.
+    The objective does not count (the LoRA checkpoint is DPO's, the config SFT's)."""
+    from main import main
+
+    extra, ckpt, difference = mismatch_cases(full_run, lora_dpo_run)[case]
+    out = tmp_path / "test"
+    assert main(cli_args("test", out, extra=[*extra, f"--ckpt_path={ckpt}"])) == 2
+    assert error_line(capsys) == (
+        f"error: --ckpt_path {ckpt}: a checkpoint of another model than the config's ({difference}); give "
+        "the checkpoint of a run with this config's model settings, or the settings it was trained with")
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("case", ["the base's full checkpoint", "other target_modules"])
+def test_an_older_checkpoint_of_another_model_is_refused_by_its_keys(case, tmp_path, full_run, lora_dpo_run,
+                                                                     cli_args, capsys):
+    """A checkpoint saved without its model settings (before they were saved) is checked by its keys: every
+    trainable weight present, none unexpected; the line gives the counts and the first few of each."""
+    from main import main
+
+    extra, ckpt, _ = mismatch_cases(full_run, lora_dpo_run)[case]
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del checkpoint["model_settings"]
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    assert main(cli_args("test", tmp_path / "test", extra=[*extra, f"--ckpt_path={older}"])) == 2
+    line = error_line(capsys)
+    prefix = f"error: --ckpt_path {older}: the checkpoint does not hold this model's trainable weights: "
+    assert line.startswith(prefix), line
+    counts = dict(re.findall(r"(\d+) (missing|unexpected) \(", line.removeprefix(prefix)))
+    if case == "other target_modules":  # the k_proj and o_proj adapters (A and B) of the one text layer
+        assert counts == {"4": "unexpected"} and "k_proj.lora_A" in line, line
+    else:  # every adapter missing, every full weight unexpected
+        assert set(counts.values()) == {"missing", "unexpected"} and "lora_A" in line, line
+    assert line.endswith("give the checkpoint of a run with this config's model settings")
 
 
 def test_an_unreachable_judge_is_one_line(tmp_path, lora_dpo_run, cli_args, capsys):

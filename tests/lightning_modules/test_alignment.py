@@ -21,7 +21,7 @@ from record_items import items_of
 
 from datamodules.collation import ChatCollator
 from lightning_modules.alignment import AlignmentModule, warmup_cosine
-from lightning_modules.video_llm import VideoLLMConfig, load_video_llm
+from lightning_modules.video_llm import LoraSettings, VideoLLMConfig, load_video_llm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -95,6 +95,24 @@ def test_lora_checkpoint_holds_adapter_weights_only(lora_dpo_run):
     for key, value in state.items():
         torch.testing.assert_close(value, current[key].detach(), rtol=0, atol=0)
     assert checkpoint["global_step"] == 3
+
+
+def test_a_checkpoint_names_its_model_settings_and_loads_under_another_objective(lora_dpo_run):
+    """The checkpoint keeps the settings its weights belong to (checked on load), as plain data; the
+    objective is not among them: the DPO run's adapters load into an SFT module of the same model, every
+    trainable weight replaced."""
+    checkpoint = torch.load(lora_dpo_run.out / "checkpoints" / "last.ckpt", map_location="cpu",
+                            weights_only=True)
+    assert checkpoint["model_settings"] == {
+        "name_or_path": str(lora_dpo_run.base),
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"],
+                 "modules_to_save": []},
+    }
+    lora = LoraSettings(r=4, alpha=8, target_modules=["v_proj", "q_proj", "k_proj", "o_proj"])
+    sft = AlignmentModule(VideoLLMConfig(name_or_path=str(lora_dpo_run.base), num_frames=2, lora=lora))
+    sft.on_load_checkpoint(checkpoint)
+    result = sft.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert not result.unexpected_keys and not set(result.missing_keys) & trainable_keys(sft)
 
 
 def test_exported_adapter_loads_with_peft(lora_dpo_run, synthetic_data):

@@ -1,5 +1,6 @@
 """The run folder (`lightning_modules/run_folder.py`): one writer at a time, a writable folder checked before
-training, an atomic `last.ckpt` link, and `last` found when the link was lost."""
+training, an atomic `last.ckpt` link, `last` found when the link was lost, and a checkpoint's model settings
+compared with the config's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from lightning_modules.run_folder import LAST, RunCheckpoint, RunFolderError, RunFolderLock, last_checkpoint
+from lightning_modules.run_folder import (
+    LAST,
+    CheckpointError,
+    RunCheckpoint,
+    RunFolderError,
+    RunFolderLock,
+    check_model_settings,
+    last_checkpoint,
+)
 
 
 def test_a_second_lock_on_a_run_folder_is_refused_naming_the_holder(tmp_path):
@@ -86,3 +95,18 @@ def test_last_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / LAST).unlink()
     (tmp_path / LAST).symlink_to(older.name)
     assert last_checkpoint(tmp_path) == tmp_path / LAST
+
+
+def test_model_settings_match_across_spellings_of_one_base_folder(tmp_path, monkeypatch):
+    """A base folder given relative in one run and absolute in the other is the same base; another folder,
+    or another LoRA setting, is named."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": []}
+    saved = {"name_or_path": "./base", "lora": lora}
+    check_model_settings("ckpt", saved, {"name_or_path": str(tmp_path / "base"), "lora": dict(lora)})
+    differences = (r"\(model.name_or_path './base' in the checkpoint, 'other' in the config; "
+                   r"model.lora.alpha 8 in the checkpoint, 16 in the config\)")
+    with pytest.raises(CheckpointError, match=differences):
+        check_model_settings("ckpt", saved, {"name_or_path": "other", "lora": {**lora, "alpha": 16}})
