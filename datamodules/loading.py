@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from datamodules.collation import Example
+from datamodules.collation import Example, pair_digest
 from datamodules.errors import UserError
 from datamodules.video import Clip, read_clip
 
@@ -68,6 +68,12 @@ class ExampleDataset(Dataset):
             clip = read_clip(example.video_path, self.num_frames)
             self.cache.put(example.video_path, clip)
         return example, clip
+
+    def pair_key(self, index: int) -> tuple[str, str]:
+        """Item `index`'s DPO pair as the reference cache keys it, (record id, `pair_digest`), read without
+        decoding its clip."""
+        example = self.examples[index]
+        return example.record.id, pair_digest(example)
 
 
 class BatchSplitError(UserError, ValueError):
