@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -130,6 +131,19 @@ def test_the_demo_configs_batches_are_unchanged_on_one_device():
             continue
         accumulation = parsed["trainer"].get("accumulate_grad_batches", 1)
         assert split_batch(batch, accumulation, 1) == BatchSplit(batch, accumulation, 1), config.name
+
+
+def test_fit_setup_sets_the_trainers_accumulation_from_the_configured_one(synthetic_data, processor):
+    """On 8 devices, batch_size 8 x 16 accumulated: each device's loader takes 8, the trainer accumulates 2,
+    and a second setup (another `fit` on the same trainer) derives it from the configured 16 again."""
+    data = AnswerabilityDataModule(str(synthetic_data), num_frames=2, batch_size=8, eval_batch_size=12,
+                                   processor=processor)
+    data.trainer = SimpleNamespace(world_size=8, accumulate_grad_batches=16, global_rank=0)
+    for _ in range(2):
+        data.setup("fit")
+        assert data.trainer.accumulate_grad_batches == 2
+        assert data.train_dataloader().batch_size == 8
+    assert data.val_dataloader().batch_size == 2, "eval batches: 12 over 8 devices, rounded up"
 
 
 def test_a_split_takes_the_largest_batch_a_device_allows():
