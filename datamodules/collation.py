@@ -43,10 +43,15 @@ def pair_digest(example: Example) -> str:
     """What a DPO pair's reference log-probabilities depend on besides the reference itself: its question,
     chosen and rejected responses, its clip's name in the record and the video file's identity (size and
     modification time in ns, from one `stat`: a replaced file changes the digest). Computed without decoding
-    the clip, so that cached pairs are found before any clip is loaded."""
-    stat = os.stat(example.video_path)
+    the clip, so that cached pairs are found before any clip is loaded. A path with no file (frames handed
+    to the collator directly) has no identity: its name alone is used."""
+    try:
+        stat = os.stat(example.video_path)
+        identity = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        identity = None
     record = example.record
-    content = [record.question, record.answer, example.rejected, record.video, stat.st_size, stat.st_mtime_ns]
+    content = [record.question, record.answer, example.rejected, record.video, identity]
     return hashlib.sha1(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
