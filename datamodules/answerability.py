@@ -292,10 +292,10 @@ class AnswerabilityDataModule(L.LightningDataModule):
     def _loader(
         self, split: str, mode: str, batch_size: int, shuffle: bool, every_item_once: bool = False
     ) -> DataLoader:
-        """`batch_size`: the examples of a batch on this device."""
-        """`every_item_once`: under DDP, split the items across ranks without the repeats that Lightning's
-        `DistributedSampler` pads with, so that `test` scores every item once (ranks may then run one batch
-        apart: safe outside `fit`, where the model is not wrapped in DDP)."""
+        """`batch_size`: the examples of a batch on this device. `every_item_once`: under DDP, split the items
+        across ranks without the repeats that Lightning's `DistributedSampler` pads with, so that `test`
+        scores every item once (ranks may then run one batch apart: safe outside `fit`, where the model is
+        not wrapped in DDP)."""
         dataset = self.datasets[split]
         sampler = EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None
         if every_item_once and self.trainer is not None and self.trainer.world_size > 1:
