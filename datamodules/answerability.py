@@ -8,6 +8,7 @@ in `collation.py`, the dataset, sampler and loader in `loading.py`.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,14 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from datamodules.collation import ChatCollator, Example
-from datamodules.loading import EpochSeededSampler, ExampleDataset, ResumableDataLoader
+from datamodules.loading import (
+    CLIP_CACHE_BYTES,
+    BatchSplit,
+    EpochSeededSampler,
+    ExampleDataset,
+    ResumableDataLoader,
+    split_batch,
+)
 from datamodules.mixing import mix_sizes
 from datamodules.records import QARecord, RecordError, read_predictions, read_records
 
@@ -53,6 +61,7 @@ class AnswerabilityDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         max_length: int = 1024,
         num_workers: int = 0,
+        clip_cache_bytes: int = CLIP_CACHE_BYTES,
         seed: int = 0,
         processor: Any = None,
     ):
@@ -76,14 +85,25 @@ class AnswerabilityDataModule(L.LightningDataModule):
             turns_per_example: for SFT training, pack up to this many questions about one clip into one
                 multi-turn conversation (LLaVA-style: the clip is encoded once for several answers); 1 keeps
                 one question per example. Validation, test and predict always ask one question per prompt.
-            batch_size: global training batch size in examples (divided by the world size).
+            batch_size: training examples a device takes in one batch, at most; `batch_size` x the trainer's
+                `accumulate_grad_batches` is the effective batch (one optimizer step's examples), kept at any
+                world size: `fit` derives each device's batch and the accumulation from it (`split_batch`) and
+                sets the trainer's `accumulate_grad_batches`. At world size 1 both stay as configured.
+            eval_batch_size: validation, test and predict examples a batch, over all devices (each takes
+                its share, rounded up).
             max_length: the longest prompt + response in tokens; longer prompts are errors.
+            num_workers: DataLoader worker processes (persistent across epochs when more than 0).
+            clip_cache_bytes: bytes of decoded frames each split's dataset keeps for later reads of the same
+                clip, the least recently used dropped first (0 keeps none). The bound holds per process:
+                every DataLoader worker has its own cache.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["processor"])
         self.processor = processor
         self.datasets: dict[str, ExampleDataset] = {}
         self.skipped_pairs = 0
+        self.batch_split: BatchSplit | None = None
+        self._configured_accumulation: int | None = None
 
     # ------------------------------------------------------------------------------------------ files
     def _path(self, name: str) -> Path:
@@ -228,13 +248,14 @@ class AnswerabilityDataModule(L.LightningDataModule):
                 examples = self._subset(examples, h.max_train_samples)
             if h.turns_per_example > 1:
                 examples = self._pack(examples, h.turns_per_example)
-            self.datasets["train"] = ExampleDataset(examples, h.num_frames)
+            self.datasets["train"] = self._dataset(examples)
+            self._split_training_batch()
         if stage in ("fit", "validate", None) and h.val_file:
             examples = self._examples(h.val_file, "val_file", True, pairs)
-            self.datasets["val"] = ExampleDataset(examples, h.num_frames)
+            self.datasets["val"] = self._dataset(examples)
         if stage in ("test", None) and h.test_file:
             examples = self._examples(h.test_file, "test_file", False, False)
-            self.datasets["test"] = ExampleDataset(examples, h.num_frames)
+            self.datasets["test"] = self._dataset(examples)
         if stage == "predict":
             key = "predict_file" if h.predict_file else "test_file"
             examples = self._examples(h.predict_file or h.test_file, key, False, False)
@@ -244,20 +265,37 @@ class AnswerabilityDataModule(L.LightningDataModule):
                     raise RecordError(self._path(h.predict_file or h.test_file), None, "answerable",
                                       f"no record has answerable={str(h.predict_answerable).lower()} "
                                       "(data.init_args.predict_answerable)")
-            self.datasets["predict"] = ExampleDataset(examples, h.num_frames)
+            self.datasets["predict"] = self._dataset(examples)
 
-    def _per_device(self, batch_size: int) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if batch_size % world:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world}")
-        return batch_size // world
+    def _dataset(self, examples: list[Example]) -> ExampleDataset:
+        return ExampleDataset(examples, self.hparams.num_frames, self.hparams.clip_cache_bytes)
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _split_training_batch(self) -> None:
+        """Derive the training batch of each device and the accumulation for the trainer's world size, from
+        the effective batch the config gives (`batch_size` x the `accumulate_grad_batches` the trainer had
+        when it first met this DataModule), and set the trainer's `accumulate_grad_batches`."""
+        if self.trainer is None:
+            self.batch_split = split_batch(self.hparams.batch_size, 1, 1)
+            return
+        if self._configured_accumulation is None:
+            self._configured_accumulation = self.trainer.accumulate_grad_batches
+        split = split_batch(self.hparams.batch_size, self._configured_accumulation, self._world_size())
+        if split != self.batch_split:
+            log.info("training batch: an effective batch of %d = %d devices x %d examples x %d accumulated",
+                     split.effective, split.world_size, split.per_device, split.accumulation)
+        self.batch_split = split
+        self.trainer.accumulate_grad_batches = split.accumulation
 
     def _loader(
         self, split: str, mode: str, batch_size: int, shuffle: bool, every_item_once: bool = False
     ) -> DataLoader:
-        """`every_item_once`: under DDP, split the items across ranks without the repeats that Lightning's
-        `DistributedSampler` pads with, so that `test` scores every item once (ranks may then run one batch
-        apart: safe outside `fit`, where the model is not wrapped in DDP)."""
+        """`batch_size`: the examples of a batch on this device. `every_item_once`: under DDP, split the items
+        across ranks without the repeats that Lightning's `DistributedSampler` pads with, so that `test`
+        scores every item once (ranks may then run one batch apart: safe outside `fit`, where the model is
+        not wrapped in DDP)."""
         dataset = self.datasets[split]
         sampler = EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None
         if every_item_once and self.trainer is not None and self.trainer.world_size > 1:
@@ -265,7 +303,7 @@ class AnswerabilityDataModule(L.LightningDataModule):
                 dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
         options: dict[str, Any] = {
-            "batch_size": self._per_device(batch_size),
+            "batch_size": batch_size,
             "sampler": sampler,
             "num_workers": self.hparams.num_workers,
             "collate_fn": ChatCollator(self.processor, mode, self.hparams.max_length),
@@ -279,15 +317,20 @@ class AnswerabilityDataModule(L.LightningDataModule):
         """Batches of the current training epoch the trainer has processed (what a resumed run skips)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
+    def _eval_batch_size(self) -> int:
+        return math.ceil(self.hparams.eval_batch_size / self._world_size())
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.objective, self.hparams.batch_size, True)
+        if self.batch_split is None:
+            self._split_training_batch()
+        return self._loader("train", self.hparams.objective, self.batch_split.per_device, True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.objective, self.hparams.eval_batch_size, False)
+        return self._loader("val", self.hparams.objective, self._eval_batch_size(), False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", "generate", self.hparams.eval_batch_size, False, every_item_once=True)
+        return self._loader("test", "generate", self._eval_batch_size(), False, every_item_once=True)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", "generate", self.hparams.eval_batch_size, False, every_item_once=True)
+        return self._loader("predict", "generate", self._eval_batch_size(), False, every_item_once=True)
 

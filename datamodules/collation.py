@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +37,22 @@ class Example:
     rejected: str | None = None
     record_file: str = "<records>"
     follow_ups: tuple[QARecord, ...] = ()
+
+
+def pair_digest(example: Example) -> str:
+    """What a DPO pair's reference log-probabilities depend on besides the reference itself: its question,
+    chosen and rejected responses, its clip's name in the record and the video file's identity (size and
+    modification time in ns, from one `stat`: a replaced file changes the digest). Computed without decoding
+    the clip, so that cached pairs are found before any clip is loaded. A path with no file (frames handed
+    to the collator directly) has no identity: its name alone is used."""
+    try:
+        stat = os.stat(example.video_path)
+        identity = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        identity = None
+    record = example.record
+    content = [record.question, record.answer, example.rejected, record.video, identity]
+    return hashlib.sha1(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
 class RecordBatch:
@@ -69,7 +86,8 @@ class ChatCollator:
     whose frame rate and frame indices reach the processor, or a bare (T, H, W, 3) frame array).
 
     `mode`: "sft" (prompt + gold answer, labels on the answer only), "dpo" (one row per pair, see
-    `pack_pairs`), "generate" (prompt only, plus prompt + refusal opening for the refusal likelihood).
+    `pack_pairs`, with each pair's `pair_digest` in `pair_digests`), "generate" (prompt only, plus prompt +
+    refusal opening for the refusal likelihood).
     A prompt longer than `max_length` is an error, never truncated (it would cut through video tokens).
 
     Every response is labelled up to and including the tokenizer's end-of-turn token (`eos_token`: `</s>`
@@ -212,7 +230,9 @@ class ChatCollator:
         spans = self._response_spans([((e.record.question, e.rejected or ""),) for e in examples])
         encoded = self.tokenizer([text for text, _, _ in spans])["input_ids"]
         rejected = [ids[start:end] for ids, (_, _, ((start, end),)) in zip(encoded, spans, strict=True)]
-        return pack_pairs(batch, rejected, self.tokenizer.pad_token_id, [e.video_path for e in examples])
+        batch = pack_pairs(batch, rejected, self.tokenizer.pad_token_id)
+        batch["pair_digests"] = [pair_digest(e) for e in examples]
+        return batch
 
     def _check_length(self, lengths: torch.Tensor, examples: list[Example]) -> None:
         for example, length in zip(examples, lengths.tolist(), strict=True):
@@ -251,9 +271,7 @@ class ChatCollator:
         return batch
 
 
-def pack_pairs(
-    batch: dict[str, Any], rejected: list[list[int]], pad_token_id: int, video_paths: list[str]
-) -> dict[str, Any]:
+def pack_pairs(batch: dict[str, Any], rejected: list[list[int]], pad_token_id: int) -> dict[str, Any]:
     """DPO pair rows from a labelled batch of left-padded [prompt][chosen] rows and their rejected tokens.
 
     Each row becomes [prompt with its video tokens][chosen response][rejected response], left-padded: the
@@ -261,8 +279,7 @@ def pack_pairs(
     too. `pair_segments` marks each position with its `Segment`, from which the model step builds the
     attention mask (rejected tokens do not see chosen ones) and positions (the rejected response's restart
     after the prompt); `losses.pair_logps` then scores both responses as the rows [prompt][chosen] and
-    [prompt][rejected] would be. `pair_digests` identify each pair's content (its clip's path, tokens and
-    segments), so cached reference log-probabilities of a changed pair are never reused.
+    [prompt][rejected] would be.
     """
     per_token = _per_token_outputs(batch)
     rows, width = batch["input_ids"].shape
@@ -271,7 +288,6 @@ def pack_pairs(
     pad = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
     packed = {k: torch.full((rows, packed_width), pad.get(k, 0), dtype=v.dtype) for k, v in per_token.items()}
     segments = torch.full((rows, packed_width), Segment.PAD, dtype=torch.long)
-    digests = []
     for row, (length, tokens) in enumerate(zip(lengths, rejected, strict=True)):
         start, middle = packed_width - length - len(tokens), packed_width - len(tokens)
         ids = torch.tensor(tokens, dtype=batch["input_ids"].dtype)
@@ -284,12 +300,8 @@ def pack_pairs(
         segments[row, start:prompt_end] = Segment.PROMPT
         segments[row, prompt_end:middle] = Segment.CHOSEN
         segments[row, middle:] = Segment.REJECTED
-        content = [video_paths[row], packed["input_ids"][row, start:].tolist(),
-                   segments[row, start:].tolist()]
-        digests.append(hashlib.sha1(json.dumps(content).encode()).hexdigest()[:20])
     batch.update(packed)
     batch["pair_segments"] = segments
-    batch["pair_digests"] = digests
     return batch
 
 

@@ -1,37 +1,122 @@
-"""Loading: the dataset of examples with their decoded clips, the seeded sampler and the resumable loader."""
+"""Loading: the dataset of examples with their decoded clips (kept in a cache bounded by bytes), the seeded
+sampler and the resumable loader."""
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from datamodules.collation import Example
+from datamodules.collation import Example, pair_digest
+from datamodules.errors import UserError
 from datamodules.video import Clip, read_clip
+
+# The default bound of a dataset's clip cache, per process: 1 GiB holds the whole demo world (3,000 clips of
+# 2-4 frames of 64 x 64: 74-147 MB) but only 12-48 real 32-frame clips (22-88 MB each at 360p-720p).
+CLIP_CACHE_BYTES = 2**30
+
+
+class ClipCache:
+    """Decoded clips by path, at most `max_bytes` of frames (their arrays' `nbytes`), the least recently
+    used dropped first; a clip larger than the bound is not kept. `max_bytes` 0 keeps nothing."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"clip_cache_bytes must be at least 0, got {max_bytes}")
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.clips: OrderedDict[str, Clip] = OrderedDict()
+
+    def get(self, path: str) -> Clip | None:
+        clip = self.clips.get(path)
+        if clip is not None:
+            self.clips.move_to_end(path)
+        return clip
+
+    def put(self, path: str, clip: Clip) -> None:
+        size = clip.frames.nbytes
+        if size > self.max_bytes or path in self.clips:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, dropped = self.clips.popitem(last=False)
+            self.bytes -= dropped.frames.nbytes
+        self.clips[path] = clip
+        self.bytes += size
 
 
 class ExampleDataset(Dataset):
-    """Examples with their decoded clips, kept in memory after the first read (clips are small)."""
+    """Examples with their decoded clips, which a `ClipCache` of `cache_bytes` keeps for the examples that
+    follow (several questions about one clip, later epochs). The cache belongs to the process: each
+    DataLoader worker holds its own copy of the dataset, so its bound holds per worker (and per split)."""
 
-    def __init__(self, examples: Sequence[Example], num_frames: int, cache_frames: bool = True):
+    def __init__(self, examples: Sequence[Example], num_frames: int, cache_bytes: int = CLIP_CACHE_BYTES):
         self.examples = list(examples)
         self.num_frames = num_frames
-        self.cache: dict[str, Clip] | None = {} if cache_frames else None
+        self.cache = ClipCache(cache_bytes)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> tuple[Example, Clip]:
         example = self.examples[index]
-        if self.cache is not None and example.video_path in self.cache:
-            return example, self.cache[example.video_path]
-        clip = read_clip(example.video_path, self.num_frames)
-        if self.cache is not None:
-            self.cache[example.video_path] = clip
+        clip = self.cache.get(example.video_path)
+        if clip is None:
+            clip = read_clip(example.video_path, self.num_frames)
+            self.cache.put(example.video_path, clip)
         return example, clip
+
+    def pair_key(self, index: int) -> tuple[str, str]:
+        """Item `index`'s DPO pair as the reference cache keys it, (record id, `pair_digest`), read without
+        decoding its clip."""
+        example = self.examples[index]
+        return example.record.id, pair_digest(example)
+
+
+class BatchSplitError(UserError, ValueError):
+    """An effective batch that no number of examples per device splits evenly over the devices."""
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one optimizer step's examples are spread: `per_device` examples a batch on each of `world_size`
+    devices, `accumulation` batches accumulated."""
+
+    per_device: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def effective(self) -> int:
+        return self.per_device * self.accumulation * self.world_size
+
+
+def split_batch(batch_size: int, accumulation: int, world_size: int) -> BatchSplit:
+    """The split of the effective batch `batch_size x accumulation` (the configured batch and the trainer's
+    `accumulate_grad_batches`) over `world_size` devices, with the fewest batches accumulated.
+
+    A device takes at most `batch_size` examples a batch (what the config sized for one device's memory): the
+    largest divisor of its share of the effective batch that is not larger. At world size 1 that is the
+    configuration as written. An effective batch that the world size does not divide has no split: an error
+    naming both settings.
+    """
+    for name, value in (("data.init_args.batch_size", batch_size),
+                        ("trainer.accumulate_grad_batches", accumulation), ("the world size", world_size)):
+        if value < 1:
+            raise BatchSplitError(f"{name} must be at least 1, got {value}")
+    effective = batch_size * accumulation
+    if effective % world_size:
+        raise BatchSplitError(
+            f"the effective batch (data.init_args.batch_size {batch_size} x trainer.accumulate_grad_batches "
+            f"{accumulation} = {effective}) does not split evenly over {world_size} devices: make it a "
+            f"multiple of {world_size}, or use a number of devices that divides it"
+        )
+    share = effective // world_size
+    per_device = max(d for d in range(1, min(batch_size, share) + 1) if share % d == 0)
+    return BatchSplit(per_device, share // per_device, world_size)
 
 
 class EpochSeededSampler(RandomSampler):

@@ -8,7 +8,8 @@ rejected part moved back by the chosen length). `losses.pair_logps` then reads b
 
 The reference log-probabilities of a pair never change during training, so `fit` computes them once
 (`ReferenceCache`), keyed by the reference model's identity (`reference_identity`) and, per pair, by record
-id and the pair's content digest. `DPOReference` is the reference as `AlignmentModule` holds it: the policy
+id and the pair's digest (`datamodules.collation.pair_digest`: its texts and its video file's identity, read
+without decoding the clip). `DPOReference` is the reference as `AlignmentModule` holds it: the policy
 with its adapters disabled (LoRA) or a frozen copy of the initial policy, run in every step or once before
 training into the cache.
 """
@@ -42,7 +43,7 @@ from lightning_modules.video_llm import model_inputs
 # Attention implementations that take a custom 4-D mask: a boolean one (SDPA) or an additive one (eager).
 BOOLEAN_MASK_ATTENTION = ("sdpa", "sdpa_padding_safe")
 ADDITIVE_MASK_ATTENTION = ("eager",)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: pairs keyed by their texts and video file identity, not their tokens
 
 
 def _base_model(llm: nn.Module) -> nn.Module:
@@ -169,7 +170,8 @@ def reference_identity(
     precision: str,
 ) -> dict[str, Any]:
     """What the reference log-probabilities depend on besides the pairs: the model, tokenizer and template,
-    and the precision they are computed in (Lightning's `trainer.precision`, e.g. "bf16-mixed")."""
+    the processor's settings (frame size, pixel budget: the pair digests do not see the video tokens), and
+    the precision they are computed in (Lightning's `trainer.precision`, e.g. "bf16-mixed")."""
     tokenizer = processor.tokenizer
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None) or ""
@@ -181,6 +183,7 @@ def reference_identity(
         "tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest(),
         "chat_template": hashlib.sha256(str(template).encode()).hexdigest(),
         "processor": type(processor).__name__,
+        "processor_settings": hashlib.sha256(processor.to_json_string().encode()).hexdigest(),
         "precision": precision,
     }
 
@@ -245,8 +248,11 @@ class ReferenceCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, json.dumps(data))
 
+    def has(self, record: str, digest: str) -> bool:
+        return self.pairs.get(record, ("",))[0] == digest
+
     def missing(self, ids: list[str], digests: list[str]) -> bool:
-        return any(self.pairs.get(i, ("",))[0] != d for i, d in zip(ids, digests, strict=True))
+        return not all(self.has(i, d) for i, d in zip(ids, digests, strict=True))
 
     def add(self, ids: list[str], digests: list[str], logps: torch.Tensor) -> None:
         """`logps`: (2 * pairs,) reference log-probabilities, the chosen responses' first."""
@@ -401,17 +407,18 @@ class DPOReference(nn.Module):
         loaders = [datamodule.train_dataloader()]
         if trainer.limit_val_batches != 0:
             loaders.append(datamodule.val_dataloader())
-        # This rank's share of each loader's items, in order, with the loader's collation.
-        shares = [
-            torch.utils.data.DataLoader(
-                loader.dataset,
-                batch_size=loader.batch_size,
-                sampler=list(range(trainer.global_rank, len(loader.dataset), trainer.world_size)),
-                collate_fn=loader.collate_fn,
-                num_workers=loader.num_workers,
-            )
-            for loader in loaders
-        ]
+        # This rank's share of each loader's items that the cache lacks, in order, with the loader's
+        # collation: the dataset's `pair_key` reads a pair's key without decoding its clip, so the pairs of a
+        # complete cache (a resumed run) cost no decoding.
+        shares = []
+        for loader in loaders:
+            dataset = loader.dataset
+            share = range(trainer.global_rank, len(dataset), trainer.world_size)
+            missing = [i for i in share if not self.cache.has(*dataset.pair_key(i))]
+            if missing:
+                shares.append(torch.utils.data.DataLoader(
+                    dataset, batch_size=loader.batch_size, sampler=missing, collate_fn=loader.collate_fn,
+                    num_workers=loader.num_workers))
         # In the training steps' precision (autocast under bf16-mixed), so that before the first update the
         # policy's log-probabilities equal the reference's and the implicit rewards start at zero.
         launcher = trainer.strategy.launcher

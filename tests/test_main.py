@@ -260,13 +260,21 @@ def run_main_py(args: list[str], env: dict[str, str], timeout: int = 120) -> sub
 
 
 def test_ddp_fit_on_two_cpu_processes(tmp_path, cli_args, main_env):
-    """`-c configs/trainer/ddp.yaml` on 2 CPU processes (gloo): full fine-tuning SFT, batch 4 split 2 + 2."""
+    """`-c configs/trainer/ddp.yaml` on 2 CPU processes (gloo): full fine-tuning SFT with `batch_size` 1 and
+    4 batches accumulated, an effective batch of 4 that the world size splits as 1 example a device, 2
+    accumulated (a batch smaller than the world size used to stop the run)."""
+    env = dict(main_env, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), main_env["PYTHONPATH"]]))
+    recorder = {"class_path": "probes.SeenBatches", "init_args": {"path": str(tmp_path / "seen")}}
     args = ["fit", "-c", str(REPO / "configs/trainer/ddp.yaml"), *cli_args(None, tmp_path, steps=2),
-            "--trainer.devices=2", "--trainer.val_check_interval=2"]
-    done = run_main_py(args, main_env)
+            "--trainer.devices=2", "--trainer.val_check_interval=4", "--data.init_args.batch_size=1",
+            "--trainer.accumulate_grad_batches=4", f"--trainer.callbacks={json.dumps([recorder])}"]
+    done = run_main_py(args, env)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert "MEMBER: 2/2" in output, "two processes"
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (tmp_path / f"seen.rank{rank}.jsonl").open()]
+        assert [(row["step"], len(row["ids"])) for row in rows] == [(0, 1), (0, 1), (1, 1), (1, 1)], rank
     assert "Trainer.fit` stopped: `max_steps=2` reached" in output
     assert output.count("exported the model to") == 1, "rank 0 exports"
     assert (tmp_path / "hf_model" / "model.safetensors").is_file()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -19,8 +21,10 @@ import torch
 from probes import CrashAt, SeenBatches, StopAfter
 from record_items import items_of
 
+import datamodules.loading as loading
 from datamodules.collation import ChatCollator
 from lightning_modules.alignment import AlignmentModule, warmup_cosine
+from lightning_modules.preference import DPOReference
 from lightning_modules.video_llm import LoraSettings, VideoLLMConfig, load_video_llm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -258,6 +262,45 @@ def test_dpo_resume_reuses_the_cached_reference_and_matches_an_uninterrupted_run
     assert files[0].stat().st_mtime_ns == written, "nothing recomputed: the cache is not rewritten"
     for name in straight:
         torch.testing.assert_close(final[name], straight[name], msg=name)
+
+
+def test_dpo_reference_pass_keys_pairs_by_file_identity_without_decoding(tmp_path, cli_args, run_main,
+                                                                         synthetic_data, monkeypatch):
+    """Pairs are keyed by their texts and their video file's size and modification time: a second run with
+    the cache complete decodes no clip in the reference pass and computes nothing; replacing one clip file's
+    bytes recomputes that clip's pairs alone, reading that clip alone."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    reads, read_clip = [], loading.read_clip
+    monkeypatch.setattr(loading, "read_clip", lambda path, n: reads.append(str(path)) or read_clip(path, n))
+    passes = []  # (pairs computed, clips read) of each run's reference pass
+    precompute_for_fit = DPOReference.precompute_for_fit
+
+    def counted(self, *args):
+        before = len(reads)
+        computed = precompute_for_fit(self, *args)
+        passes.append((computed, reads[before:]))
+        return computed
+
+    monkeypatch.setattr(DPOReference, "precompute_for_fit", counted)
+
+    def fit(out: str):
+        return run_main(cli_args("fit", tmp_path / out, objective="dpo", lora=True, steps=1, extra=[
+            f"--data.init_args.data_dir={data}", "--trainer.limit_val_batches=0",
+            f"--model.init_args.reference_cache_dir={tmp_path / 'reference_logps'}"]))
+
+    examples = fit("first").datamodule.datasets["train"].examples
+    clips = sorted({e.video_path for e in examples})
+    assert passes[0][0] == len(examples) and sorted(passes[0][1]) == clips, "each clip read once"
+    fit("resumed")
+    assert passes[1] == (0, []), "a complete cache: no pair computed, no clip decoded"
+
+    replaced = examples[0].video_path
+    before = os.stat(replaced)
+    Path(replaced).write_bytes(Path(next(c for c in clips if c != replaced)).read_bytes())
+    assert (os.stat(replaced).st_size, os.stat(replaced).st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+    fit("replaced")
+    assert passes[2] == (sum(e.video_path == replaced for e in examples), [replaced]), "not the stale values"
 
 
 def test_mid_epoch_resume_trains_on_the_batches_an_uninterrupted_run_does(tmp_path, cli_args, run_main,
