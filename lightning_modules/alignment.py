@@ -158,7 +158,9 @@ class AlignmentModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.hparams.objective == "dpo" and self.hparams.precompute_ref_log_probs:
             read = self._open_reference_cache()
-            computed = self.dpo_reference.precompute_for_fit(self.trainer, self.llm, self._to_device)
+            computed = self.dpo_reference.precompute_for_fit(
+                self.trainer, self._reference_pass_logps, self._to_device, lockstep=self._sharded()
+            )
             log.info("reference log-probabilities: %d pairs computed, %d read from %s", computed, read,
                      self.reference_cache.path)
         # Lightning keeps the modes modules have; a loaded checkpoint comes in eval mode (see
@@ -166,6 +168,16 @@ class AlignmentModule(L.LightningModule):
         set_training_mode(self.llm, self.config)
         if self.reference is not None:
             self.reference.eval()
+
+    def _sharded(self) -> bool:
+        """Whether the model's weights are sharded by FSDP outside its root's forward (`fit` under FSDP)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return (
+            self._trainer is not None
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+            and self.trainer.strategy.model is not self
+        )
 
     def _uniform_dtype_for_fsdp(self) -> None:
         """FSDP flattens each unit's parameters into one tensor of one dtype, so a bf16 checkpoint with fp32
@@ -187,6 +199,19 @@ class AlignmentModule(L.LightningModule):
         first), from one shared-prefix pass over its pair rows."""
         return score_pairs(model, batch)
 
+    def reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The DPO reference's log-probabilities of a batch's responses (chosen ones first), without grad."""
+        return self.dpo_reference.logps(self.llm, batch)
+
+    def _reference_pass_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """`reference_logps` as the reference pass before training runs it: under FSDP through the root's
+        forward (as Lightning runs `training_step`), since outside it the root unit's weights (embeddings,
+        vision tower, projector, head) are shards; every rank must then make the same calls."""
+        if not self._sharded():
+            return self.reference_logps(batch)
+        strategy = self.trainer.strategy
+        return strategy._forward_redirection(strategy.model, self, "reference_logps", batch)
+
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.transfer_batch_to_device(batch, self.device, 0)
 
@@ -204,7 +229,7 @@ class AlignmentModule(L.LightningModule):
         """Compute (or take from the cache) the reference log-probabilities of these DPO batches' pairs;
         then a frozen reference copy is freed. Returns the number of pairs newly computed."""
         self._open_reference_cache()
-        return self.dpo_reference.precompute(self.llm, batches, self._to_device)
+        return self.dpo_reference.precompute(self.reference_logps, batches, self._to_device)
 
     # ------------------------------------------------------------------------------------ training
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
@@ -224,7 +249,7 @@ class AlignmentModule(L.LightningModule):
         if self.hparams.precompute_ref_log_probs:
             ref_logps = self.dpo_reference.cached_logps(batch, logps)
         else:
-            ref_logps = self.dpo_reference.logps(self.llm, batch)
+            ref_logps = self.reference_logps(batch)  # inside the step, so inside FSDP's root forward
         half = logps.shape[0] // 2
         scale = counts.clamp_min(1) if self.hparams.loss_type == "ipo" else torch.ones_like(logps)
         losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -271,6 +296,23 @@ class AlignmentModule(L.LightningModule):
                 if parameter.grad is not None:
                     parameter.grad.mul_(scale.to(parameter.grad.dtype))
         self._window_tokens = 0
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Norm clipping under FSDP through the root's `clip_grad_norm_`, which computes the norm over every
+        rank's shards: Lightning's FSDP precision plugin refuses norm clipping (`clip_grad_norm_` of torch.nn
+        would clip each rank's shards by their own norm) and has no handle on the root. Else Lightning's."""
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        if self._sharded() and gradient_clip_val and algorithm is GradClipAlgorithmType.NORM:
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_epoch_start(self) -> None:
         self._window_tokens = 0

@@ -290,39 +290,62 @@ class DPOReference(nn.Module):
 
     def open_cache(self, folder: str | Path | None, llm: nn.Module, processor: Any, precision: str) -> int:
         """Set up the cache of this reference (in `folder`; in memory only without one), its identity rank
-        0's, and read its file; returns the number of pairs read (0 when the cache is open already).
+        0's (with every rank's weights fingerprinted where FSDP shards them), and read its file; returns the
+        number of pairs read (0 when the cache is open already).
         `precision`: the one the pass runs in (Lightning's `trainer.precision`)."""
         if self.cache is not None:
             return 0
         weights = reference_weights(llm, self.frozen)
         identity = reference_identity(self.name_or_path, self.num_frames, processor, weights, precision)
         if dist.is_available() and dist.is_initialized():  # every rank names the same file
-            shared = [identity]
-            dist.broadcast_object_list(shared, src=0)
-            identity = shared[0]
+            identities: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(identities, identity)
+            identity = identities[0]
+            fingerprints = [other["weights"] for other in identities]
+            if len(set(fingerprints)) > 1:  # FSDP: each rank holds (and fingerprinted) its shards only
+                combined = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()
+                identity = {**identity, "weights": combined}
         self.cache = ReferenceCache(folder, identity)
         return self.cache.load()
 
-    def precompute(self, llm: nn.Module, batches: Iterable[dict[str, Any]],
-                   to_device: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    def precompute(
+        self,
+        score: Callable[[dict[str, Any]], torch.Tensor],
+        batches: Iterable[dict[str, Any]],
+        to_device: Callable[[dict[str, Any]], dict[str, Any]],
+        lockstep: bool = False,
+    ) -> int:
         """Compute the reference log-probabilities of these DPO batches' pairs that the (open) cache lacks,
-        each batch moved by `to_device` first; then a frozen copy is freed. Returns the number of pairs
-        computed."""
+        each batch moved by `to_device` first and scored by `score` (the reference's `logps` on a batch); then
+        a frozen copy is freed. Returns the number of pairs computed.
+
+        `lockstep`: the forward is collective (FSDP gathers each unit's weights from every rank), so every
+        rank must score the same number of batches: the ranks' `batches` are as many, and a batch is skipped
+        only where every rank has its pairs cached."""
         cache, computed = self.cache, 0
         for batch in batches:
-            if not cache.missing(batch["ids"], batch["pair_digests"]):
+            needed = cache.missing(batch["ids"], batch["pair_digests"])
+            if lockstep:
+                needed = any_rank(needed)
+            if not needed:
                 continue
             batch = to_device(dict(batch))
-            cache.add(batch["ids"], batch["pair_digests"], self.logps(llm, batch))
+            cache.add(batch["ids"], batch["pair_digests"], score(batch))
             computed += len(batch["ids"])
         self.frozen = None  # the log-probabilities are all the reference is needed for
         return computed
 
-    def precompute_for_fit(self, trainer: Any, llm: nn.Module,
-                           to_device: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    def precompute_for_fit(
+        self,
+        trainer: Any,
+        score: Callable[[dict[str, Any]], torch.Tensor],
+        to_device: Callable[[dict[str, Any]], dict[str, Any]],
+        lockstep: bool = False,
+    ) -> int:
         """The reference pass of `fit`: every training and validation pair of the trainer's datamodule,
-        this rank's share, gathered on every rank and saved by rank 0. The cache must be open. Returns the
-        number of pairs computed, on all ranks together."""
+        this rank's share (`rank_share`), scored by `score` (see `precompute`, as `lockstep`), gathered on
+        every rank and saved by rank 0. The cache must be open. Returns the number of pairs computed, on all
+        ranks together."""
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError(
@@ -337,7 +360,7 @@ class DPOReference(nn.Module):
             torch.utils.data.DataLoader(
                 loader.dataset,
                 batch_size=loader.batch_size,
-                sampler=list(range(trainer.global_rank, len(loader.dataset), trainer.world_size)),
+                sampler=rank_share(len(loader.dataset), trainer.global_rank, trainer.world_size),
                 collate_fn=loader.collate_fn,
                 num_workers=loader.num_workers,
             )
@@ -346,7 +369,7 @@ class DPOReference(nn.Module):
         # In the training steps' precision (autocast under bf16-mixed), so that before the first update the
         # policy's log-probabilities equal the reference's and the implicit rewards start at zero.
         with trainer.precision_plugin.forward_context():
-            computed = self.precompute(llm, itertools.chain(*shares), to_device)  # then a copy is freed
+            computed = self.precompute(score, itertools.chain(*shares), to_device, lockstep)  # frees a copy
         if trainer.world_size > 1:
             gathered: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(gathered, (self.cache.pairs, computed))
@@ -357,3 +380,18 @@ class DPOReference(nn.Module):
             self.cache.save()
         trainer.strategy.barrier("reference log-probabilities")
         return computed
+
+
+def rank_share(items: int, rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s indices of `items` items: every `world_size`-th from `rank`, the last ones wrapping round
+    to the first items (as `DistributedSampler` pads), so that every rank has as many."""
+    per_rank = -(-items // world_size) if items else 0
+    return [(rank + world_size * step) % items for step in range(per_rank)]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank of the default process group (a collective: every rank calls it)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
