@@ -91,12 +91,20 @@ def pair_position_ids(llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
     (batch, len) counting real tokens from 0; for models with `get_rope_index` (Qwen2-VL, Qwen2.5-VL) its
     (3, batch, len) M-RoPE positions of the row. Either way the rejected tokens' positions are moved back by
-    the chosen response's length: the prompt ends in text, whose positions step by one on every axis.
+    the chosen response's length: the prompt ends in text, whose positions step by one on every axis. An
+    M-RoPE model's batch must carry the processor's `mm_token_type_ids` (which tokens are video): 1-D
+    positions would silently score the pairs at other positions than training's rows.
     """
     segments = batch["pair_segments"]
     valid = segments != Segment.PAD
     rope_index = _rope_index(llm)
-    if rope_index is not None and "mm_token_type_ids" in batch:
+    if rope_index is not None and "mm_token_type_ids" not in batch:
+        raise ValueError(
+            f"{type(_base_model(llm)).__name__} places tokens with M-RoPE positions (get_rope_index), which "
+            "need the batch's 'mm_token_type_ids', and its processor returned none: use the model's own "
+            "processor with return_mm_token_type_ids on (transformers' default for Qwen2-VL and Qwen2.5-VL)"
+        )
+    if rope_index is not None:
         accepted = inspect.signature(rope_index).parameters
         keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
         extra = {k: batch[k] for k in keys if k in batch and k in accepted}

@@ -277,6 +277,21 @@ def test_shared_prefix_pair_pass_equals_two_rows(family, attention, checkpoint, 
     assert (plain_logps[2:] - two_logps[2:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
+def test_qwen_pair_rows_without_mm_token_type_ids_are_an_error(family, checkpoint, items):
+    """Qwen2-VL and Qwen2.5-VL place pair rows by their M-RoPE positions, which need the processor's
+    `mm_token_type_ids`; a batch without them used to fall back to 1-D positions and score other positions
+    than training's rows, silently."""
+    module = AlignmentModule(model=VideoLLMConfig(name_or_path=checkpoint(family), num_frames=4),
+                             objective="dpo", precompute_ref_log_probs=False)
+    pairs = ChatCollator(module.processor, "dpo")(items)
+    assert "mm_token_type_ids" in pairs, "the processor's own output carries them"
+    del pairs["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="mm_token_type_ids") as error:
+        module.pair_logps(module.llm, pairs)
+    assert "\n" not in str(error.value)
+
+
 def test_qwen2_5_vl_places_frames_in_time_by_the_clip_frame_rate(checkpoint, tmp_path):
     """Clips read from files bring their frame rate and frame indices to the processor: Qwen2.5-VL's
     `second_per_grid_ts` (seconds per temporal patch, which spaces the frames' temporal positions) is
