@@ -22,10 +22,11 @@ from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 from datamodules.records import read_predictions, write_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
 from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
-from lightning_modules.preference import DPOReference, ReferenceCache, score_pairs
+from lightning_modules.preference import DPOReference, ReferenceCache, positions_spanned, score_pairs
 from lightning_modules.run_folder import RunCheckpoint, StopOnSigterm
 from lightning_modules.video_llm import (
     VideoLLMConfig,
+    check_context,
     count_parameters,
     load_video_llm,
     model_inputs,
@@ -147,6 +148,12 @@ class AlignmentModule(L.LightningModule):
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return model_inputs(batch)
 
+    def check_context(self, batch: dict[str, Any], new_tokens: int = 0) -> None:
+        """A one-line `ContextError` naming the first record of the batch whose row (video tokens included, as
+        the processor expands them; plus `new_tokens` to generate) spans more positions than the model takes.
+        Run before every pass: for DPO the reference pass meets every training pair before training."""
+        check_context(self.llm, positions_spanned(self.llm, batch), batch.get("records"), new_tokens)
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.llm(**self._inputs(batch), use_cache=False).logits
 
@@ -201,6 +208,7 @@ class AlignmentModule(L.LightningModule):
 
     def reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
         """The DPO reference's log-probabilities of a batch's responses (chosen ones first), without grad."""
+        self.check_context(batch)
         return self.dpo_reference.logps(self.llm, batch)
 
     def _reference_pass_logps(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -233,6 +241,7 @@ class AlignmentModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ training
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        self.check_context(batch)
         if self.hparams.objective == "sft":
             labels = batch["labels"]
             loss, nll, tokens = sft_loss(self(batch), labels)  # this batch's token mean
@@ -387,6 +396,7 @@ class AlignmentModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:
+        self.check_context(batch, self.hparams.max_new_tokens)
         inputs = self._inputs(batch)
         output = self.llm.generate(**inputs, generation_config=self.greedy_generation_config())
         new_tokens = output[:, inputs["input_ids"].shape[1] :]

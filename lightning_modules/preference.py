@@ -96,24 +96,43 @@ def pair_position_ids(llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     positions would silently score the pairs at other positions than training's rows.
     """
     segments = batch["pair_segments"]
-    valid = segments != Segment.PAD
+    positions = _row_positions(llm, batch, (segments != Segment.PAD).long())
+    chosen_length = (segments == Segment.CHOSEN).sum(dim=1, keepdim=True)
+    shift = (segments == Segment.REJECTED).long() * chosen_length
+    return positions - shift.to(positions.device)
+
+
+def _row_positions(llm: nn.Module, batch: dict[str, Any], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a batch's rows as the model places them: (batch, len) counting attended tokens from 0,
+    or the (3, batch, len) M-RoPE positions of `get_rope_index` (which need the `mm_token_type_ids`)."""
     rope_index = _rope_index(llm)
-    if rope_index is not None and "mm_token_type_ids" not in batch:
+    if rope_index is None:
+        return (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    if "mm_token_type_ids" not in batch:
         raise ValueError(
             f"{type(_base_model(llm)).__name__} places tokens with M-RoPE positions (get_rope_index), which "
             "need the batch's 'mm_token_type_ids', and its processor returned none: use the model's own "
             "processor with return_mm_token_type_ids on (transformers' default for Qwen2-VL and Qwen2.5-VL)"
         )
-    if rope_index is not None:
-        accepted = inspect.signature(rope_index).parameters
-        keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-        extra = {k: batch[k] for k in keys if k in batch and k in accepted}
-        positions, _ = rope_index(batch["input_ids"], attention_mask=valid.long(), **extra)
+    accepted = inspect.signature(rope_index).parameters
+    keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    extra = {k: batch[k] for k in keys if k in batch and k in accepted}
+    positions, _ = rope_index(batch["input_ids"], attention_mask=attention_mask, **extra)
+    return positions
+
+
+def positions_spanned(llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(rows,) how many positions each row of a batch spans (its highest position id + 1): pair rows by their
+    own positions (the rejected response restarts after the prompt), other rows as the model places them."""
+    if "pair_segments" in batch:
+        positions, valid = pair_position_ids(llm, batch), batch["pair_segments"] != Segment.PAD
     else:
-        positions = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
-    chosen_length = (segments == Segment.CHOSEN).sum(dim=1, keepdim=True)
-    shift = (segments == Segment.REJECTED).long() * chosen_length
-    return positions - shift.to(positions.device)
+        valid = batch["attention_mask"].bool()
+        positions = _row_positions(llm, batch, batch["attention_mask"].long())
+    valid = valid.to(positions.device)
+    if positions.dim() == 3:  # M-RoPE: the highest position on any axis
+        positions = positions.amax(dim=0)
+    return (positions.masked_fill(~valid, -1).amax(dim=1) + 1).cpu()
 
 
 def score_pairs(llm: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
