@@ -72,7 +72,9 @@ def worker(objective: str, kind: str, frames: int, data_dir: Path, model_dir: Pa
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     lora = LoraSettings(r=16, alpha=32) if kind == "lora" else None
-    config = VideoLLMConfig(name_or_path=str(model_dir), num_frames=frames, lora=lora)
+    # The demo's model takes 256 positions and a 16-frame row spans 292 (16 x 16 video tokens and the text):
+    # linear RoPE scaling x2 (512 positions) keeps every row inside its context at the same cost.
+    config = VideoLLMConfig(name_or_path=str(model_dir), num_frames=frames, lora=lora, rope_scaling=2.0)
     records, _ = read_records(data_dir / "train.jsonl", data_dir)
     records = [r for r in records if r.rejected is not None and r.rejected.strip() != r.answer.strip()]
     records = records[:pairs]

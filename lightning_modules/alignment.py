@@ -22,7 +22,7 @@ from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 from datamodules.records import read_predictions, write_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
 from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
-from lightning_modules.preference import DPOReference, ReferenceCache, score_pairs
+from lightning_modules.preference import DPOReference, ReferenceCache, positions_spanned, score_pairs
 from lightning_modules.run_folder import (
     RunCheckpoint,
     StopOnSigterm,
@@ -31,6 +31,7 @@ from lightning_modules.run_folder import (
 )
 from lightning_modules.video_llm import (
     VideoLLMConfig,
+    check_context,
     count_parameters,
     load_video_llm,
     model_inputs,
@@ -153,6 +154,12 @@ class AlignmentModule(L.LightningModule):
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return model_inputs(batch)
 
+    def check_context(self, batch: dict[str, Any], new_tokens: int = 0) -> None:
+        """A one-line `ContextError` naming the first record of the batch whose row (video tokens included, as
+        the processor expands them; plus `new_tokens` to generate) spans more positions than the model takes.
+        Run before every pass: for DPO the reference pass meets every training pair before training."""
+        check_context(self.llm, positions_spanned(self.llm, batch), batch.get("records"), new_tokens)
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.llm(**self._inputs(batch), use_cache=False).logits
 
@@ -164,7 +171,9 @@ class AlignmentModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.hparams.objective == "dpo" and self.hparams.precompute_ref_log_probs:
             read = self._open_reference_cache()
-            computed = self.dpo_reference.precompute_for_fit(self.trainer, self.llm, self._to_device)
+            computed = self.dpo_reference.precompute_for_fit(
+                self.trainer, self._reference_pass_logps, self._to_device, lockstep=self._sharded()
+            )
             log.info("reference log-probabilities: %d pairs computed, %d read from %s", computed, read,
                      self.reference_cache.path)
         # Lightning keeps the modes modules have; a loaded checkpoint comes in eval mode (see
@@ -172,6 +181,16 @@ class AlignmentModule(L.LightningModule):
         set_training_mode(self.llm, self.config)
         if self.reference is not None:
             self.reference.eval()
+
+    def _sharded(self) -> bool:
+        """Whether the model's weights are sharded by FSDP outside its root's forward (`fit` under FSDP)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return (
+            self._trainer is not None
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+            and self.trainer.strategy.model is not self
+        )
 
     def _uniform_dtype_for_fsdp(self) -> None:
         """FSDP flattens each unit's parameters into one tensor of one dtype, so a bf16 checkpoint with fp32
@@ -193,6 +212,20 @@ class AlignmentModule(L.LightningModule):
         first), from one shared-prefix pass over its pair rows."""
         return score_pairs(model, batch)
 
+    def reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The DPO reference's log-probabilities of a batch's responses (chosen ones first), without grad."""
+        self.check_context(batch)
+        return self.dpo_reference.logps(self.llm, batch)
+
+    def _reference_pass_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """`reference_logps` as the reference pass before training runs it: under FSDP through the root's
+        forward (as Lightning runs `training_step`), since outside it the root unit's weights (embeddings,
+        vision tower, projector, head) are shards; every rank must then make the same calls."""
+        if not self._sharded():
+            return self.reference_logps(batch)
+        strategy = self.trainer.strategy
+        return strategy._forward_redirection(strategy.model, self, "reference_logps", batch)
+
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.transfer_batch_to_device(batch, self.device, 0)
 
@@ -210,10 +243,11 @@ class AlignmentModule(L.LightningModule):
         """Compute (or take from the cache) the reference log-probabilities of these DPO batches' pairs;
         then a frozen reference copy is freed. Returns the number of pairs newly computed."""
         self._open_reference_cache()
-        return self.dpo_reference.precompute(self.llm, batches, self._to_device)
+        return self.dpo_reference.precompute(self.reference_logps, batches, self._to_device)
 
     # ------------------------------------------------------------------------------------ training
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        self.check_context(batch)
         if self.hparams.objective == "sft":
             labels = batch["labels"]
             loss, nll, tokens = sft_loss(self(batch), labels)  # this batch's token mean
@@ -230,7 +264,7 @@ class AlignmentModule(L.LightningModule):
         if self.hparams.precompute_ref_log_probs:
             ref_logps = self.dpo_reference.cached_logps(batch, logps)
         else:
-            ref_logps = self.dpo_reference.logps(self.llm, batch)
+            ref_logps = self.reference_logps(batch)  # inside the step, so inside FSDP's root forward
         half = logps.shape[0] // 2
         scale = counts.clamp_min(1) if self.hparams.loss_type == "ipo" else torch.ones_like(logps)
         losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -277,6 +311,23 @@ class AlignmentModule(L.LightningModule):
                 if parameter.grad is not None:
                     parameter.grad.mul_(scale.to(parameter.grad.dtype))
         self._window_tokens = 0
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Norm clipping under FSDP through the root's `clip_grad_norm_`, which computes the norm over every
+        rank's shards: Lightning's FSDP precision plugin refuses norm clipping (`clip_grad_norm_` of torch.nn
+        would clip each rank's shards by their own norm) and has no handle on the root. Else Lightning's."""
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        if self._sharded() and gradient_clip_val and algorithm is GradClipAlgorithmType.NORM:
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_epoch_start(self) -> None:
         self._window_tokens = 0
@@ -368,6 +419,7 @@ class AlignmentModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:
+        self.check_context(batch, self.hparams.max_new_tokens)
         inputs = self._inputs(batch)
         output = self.llm.generate(**inputs, generation_config=self.greedy_generation_config())
         new_tokens = output[:, inputs["input_ids"].shape[1] :]

@@ -97,21 +97,48 @@ def pair_position_ids(llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
     (batch, len) counting real tokens from 0; for models with `get_rope_index` (Qwen2-VL, Qwen2.5-VL) its
     (3, batch, len) M-RoPE positions of the row. Either way the rejected tokens' positions are moved back by
-    the chosen response's length: the prompt ends in text, whose positions step by one on every axis.
+    the chosen response's length: the prompt ends in text, whose positions step by one on every axis. An
+    M-RoPE model's batch must carry the processor's `mm_token_type_ids` (which tokens are video): 1-D
+    positions would silently score the pairs at other positions than training's rows.
     """
     segments = batch["pair_segments"]
-    valid = segments != Segment.PAD
-    rope_index = _rope_index(llm)
-    if rope_index is not None and "mm_token_type_ids" in batch:
-        accepted = inspect.signature(rope_index).parameters
-        keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-        extra = {k: batch[k] for k in keys if k in batch and k in accepted}
-        positions, _ = rope_index(batch["input_ids"], attention_mask=valid.long(), **extra)
-    else:
-        positions = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
+    positions = _row_positions(llm, batch, (segments != Segment.PAD).long())
     chosen_length = (segments == Segment.CHOSEN).sum(dim=1, keepdim=True)
     shift = (segments == Segment.REJECTED).long() * chosen_length
     return positions - shift.to(positions.device)
+
+
+def _row_positions(llm: nn.Module, batch: dict[str, Any], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a batch's rows as the model places them: (batch, len) counting attended tokens from 0,
+    or the (3, batch, len) M-RoPE positions of `get_rope_index` (which need the `mm_token_type_ids`)."""
+    rope_index = _rope_index(llm)
+    if rope_index is None:
+        return (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    if "mm_token_type_ids" not in batch:
+        raise ValueError(
+            f"{type(_base_model(llm)).__name__} places tokens with M-RoPE positions (get_rope_index), which "
+            "need the batch's 'mm_token_type_ids', and its processor returned none: use the model's own "
+            "processor with return_mm_token_type_ids on (transformers' default for Qwen2-VL and Qwen2.5-VL)"
+        )
+    accepted = inspect.signature(rope_index).parameters
+    keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    extra = {k: batch[k] for k in keys if k in batch and k in accepted}
+    positions, _ = rope_index(batch["input_ids"], attention_mask=attention_mask, **extra)
+    return positions
+
+
+def positions_spanned(llm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(rows,) how many positions each row of a batch spans (its highest position id + 1): pair rows by their
+    own positions (the rejected response restarts after the prompt), other rows as the model places them."""
+    if "pair_segments" in batch:
+        positions, valid = pair_position_ids(llm, batch), batch["pair_segments"] != Segment.PAD
+    else:
+        valid = batch["attention_mask"].bool()
+        positions = _row_positions(llm, batch, batch["attention_mask"].long())
+    valid = valid.to(positions.device)
+    if positions.dim() == 3:  # M-RoPE: the highest position on any axis
+        positions = positions.amax(dim=0)
+    return (positions.masked_fill(~valid, -1).amax(dim=1) + 1).cpu()
 
 
 def score_pairs(llm: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,54 +377,87 @@ class DPOReference(nn.Module):
 
     def open_cache(self, folder: str | Path | None, llm: nn.Module, processor: Any, precision: str) -> int:
         """Set up the cache of this reference (in `folder`; in memory only without one), its identity rank
-        0's, and read its file; returns the number of pairs read (0 when the cache is open already).
+        0's (with every rank's weights fingerprinted where FSDP shards them), and read its file; returns the
+        number of pairs read (0 when the cache is open already).
         `precision`: the one the pass runs in (Lightning's `trainer.precision`)."""
         if self.cache is not None:
             return 0
         weights = reference_weights(llm, self.frozen)
         identity = reference_identity(self.name_or_path, self.num_frames, processor, weights, precision)
         if dist.is_available() and dist.is_initialized():  # every rank names the same file
-            shared = [identity]
-            dist.broadcast_object_list(shared, src=0)
-            identity = shared[0]
+            identities: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(identities, identity)
+            identity = identities[0]
+            fingerprints = [other["weights"] for other in identities]
+            if len(set(fingerprints)) > 1:  # FSDP: each rank holds (and fingerprinted) its shards only
+                combined = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()
+                identity = {**identity, "weights": combined}
         self.cache = ReferenceCache(folder, identity)
         return self.cache.load()
 
-    def precompute(self, llm: nn.Module, batches: Iterable[dict[str, Any]],
-                   to_device: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    def precompute(
+        self,
+        score: Callable[[dict[str, Any]], torch.Tensor],
+        batches: Iterable[dict[str, Any]],
+        to_device: Callable[[dict[str, Any]], dict[str, Any]],
+        lockstep: bool = False,
+    ) -> int:
         """Compute the reference log-probabilities of these DPO batches' pairs that the (open) cache lacks,
-        each batch moved by `to_device` first; then a frozen copy is freed. Returns the number of pairs
-        computed."""
-        return self._run_pass(llm, batches, to_device).computed
+        each batch moved by `to_device` first and scored by `score` (the reference's `logps` on a batch); then
+        a frozen copy is freed. Returns the number of pairs computed.
 
-    def _run_pass(self, llm: nn.Module, batches: Iterable[dict[str, Any]],
-                  to_device: Callable[[dict[str, Any]], dict[str, Any]],
-                  stop: Callable[[], bool] = lambda: False) -> PassProgress:
-        """`precompute`, asking `stop` before each batch: when it says so (a SIGTERM) the pass ends there,
-        with the pairs computed so far in the cache."""
+        `lockstep`: the forward is collective (FSDP gathers each unit's weights from every rank), so every
+        rank must score the same number of batches: the ranks' `batches` are as many, and a batch is skipped
+        only where every rank has its pairs cached."""
+        return self._run_pass(score, batches, to_device, lockstep).computed
+
+    def _run_pass(
+        self,
+        score: Callable[[dict[str, Any]], torch.Tensor],
+        batches: Iterable[dict[str, Any]],
+        to_device: Callable[[dict[str, Any]], dict[str, Any]],
+        lockstep: bool = False,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> PassProgress:
+        """`precompute`, asking `stop` before each batch (in lockstep, stopping where any rank says so): when
+        it says so (a SIGTERM) the pass ends there, with the pairs computed so far in the cache."""
         cache, progress = self.cache, PassProgress()
         for batch in batches:
-            if stop():
+            stopping = any_rank(stop()) if lockstep else stop()
+            if stopping:
                 progress.stopped = True
                 break
             progress.done += len(batch["ids"])
-            if not cache.missing(batch["ids"], batch["pair_digests"]):
+            needed = cache.missing(batch["ids"], batch["pair_digests"])
+            if lockstep:
+                needed = any_rank(needed)
+            if not needed:
                 continue
             batch = to_device(dict(batch))
-            cache.add(batch["ids"], batch["pair_digests"], self.logps(llm, batch))
+            cache.add(batch["ids"], batch["pair_digests"], score(batch))
             progress.computed += len(batch["ids"])
         self.frozen = None  # the log-probabilities are all the reference is needed for
         return progress
 
-    def precompute_for_fit(self, trainer: Any, llm: nn.Module,
-                           to_device: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    def precompute_for_fit(
+        self,
+        trainer: Any,
+        score: Callable[[dict[str, Any]], torch.Tensor],
+        to_device: Callable[[dict[str, Any]], dict[str, Any]],
+        lockstep: bool = False,
+    ) -> int:
         """The reference pass of `fit`: every training and validation pair of the trainer's datamodule,
-        this rank's share, gathered on every rank and saved by rank 0. The cache must be open. Returns the
-        number of pairs computed, on all ranks together.
+        this rank's share, scored by `score` (see `precompute`, as `lockstep`), gathered on every rank and
+        saved by rank 0. The cache must be open. Returns the number of pairs computed, on all ranks together.
 
-        A SIGTERM ends a rank's share at the next batch (noted by `SigtermNoted`: Lightning installs its own
-        handler only after `on_fit_start`): the pairs computed so far are gathered and saved all the same,
-        then every rank raises `ReferencePassStopped`, and a rerun computes only the rest."""
+        Only the pairs the cache lacks are collated: the dataset's `pair_key` reads a pair's key without
+        decoding its clip, so a complete cache (a resumed run) costs no decoding. In lockstep every rank's
+        list is padded to the longest with pairs of its own share (`rank_share`), so that the ranks run as
+        many batches.
+
+        A SIGTERM ends the pass at the next batch (noted by `SigtermNoted`: Lightning installs its own handler
+        only after `on_fit_start`): the pairs computed so far are gathered and saved all the same, then every
+        rank raises `ReferencePassStopped`, and a rerun computes only the rest."""
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError(
@@ -407,14 +467,16 @@ class DPOReference(nn.Module):
         loaders = [datamodule.train_dataloader()]
         if trainer.limit_val_batches != 0:
             loaders.append(datamodule.val_dataloader())
-        # This rank's share of each loader's items that the cache lacks, in order, with the loader's
-        # collation: the dataset's `pair_key` reads a pair's key without decoding its clip, so the pairs of a
-        # complete cache (a resumed run) cost no decoding.
         shares = []
         for loader in loaders:
             dataset = loader.dataset
-            share = range(trainer.global_rank, len(dataset), trainer.world_size)
+            if lockstep:
+                share = rank_share(len(dataset), trainer.global_rank, trainer.world_size)
+            else:
+                share = list(range(trainer.global_rank, len(dataset), trainer.world_size))
             missing = [i for i in share if not self.cache.has(*dataset.pair_key(i))]
+            if lockstep:
+                missing = padded_to_longest(missing, share)
             if missing:
                 shares.append(torch.utils.data.DataLoader(
                     dataset, batch_size=loader.batch_size, sampler=missing, collate_fn=loader.collate_fn,
@@ -424,7 +486,7 @@ class DPOReference(nn.Module):
         launcher = trainer.strategy.launcher
         with SigtermNoted(launcher.kill if launcher is not None else None) as sigterm:
             with trainer.precision_plugin.forward_context():
-                progress = self._run_pass(llm, itertools.chain(*shares), to_device,
+                progress = self._run_pass(score, itertools.chain(*shares), to_device, lockstep,
                                           stop=lambda: sigterm.received)  # then a copy is freed
             progress.stopped = progress.stopped or sigterm.received  # also one after the last batch
         if trainer.world_size > 1:
@@ -441,6 +503,35 @@ class DPOReference(nn.Module):
             self.cache.save()
         trainer.strategy.barrier("reference log-probabilities")
         if progress.stopped:
+            saved = sum(self.cache.has(*loader.dataset.pair_key(i))
+                        for loader in loaders for i in range(len(loader.dataset)))
             total = sum(len(loader.dataset) for loader in loaders)
-            raise ReferencePassStopped(progress.done, total, self.cache.path)
+            raise ReferencePassStopped(saved, total, self.cache.path)
         return progress.computed
+
+
+def rank_share(items: int, rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s indices of `items` items: every `world_size`-th from `rank`, the last ones wrapping round
+    to the first items (as `DistributedSampler` pads), so that every rank has as many."""
+    per_rank = -(-items // world_size) if items else 0
+    return [(rank + world_size * step) % items for step in range(per_rank)]
+
+
+def padded_to_longest(indices: list[int], share: list[int]) -> list[int]:
+    """`indices` made as long as the longest list of any rank (a collective), with items of this rank's
+    `share` cycled in: ranks in lockstep then run as many batches (a padding pair is scored again)."""
+    longest = torch.tensor(len(indices), device=_collective_device())
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    padding = int(longest) - len(indices)
+    return indices + [share[k % len(share)] for k in range(padding)] if padding else indices
+
+
+def _collective_device() -> torch.device | None:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank of the default process group (a collective: every rank calls it)."""
+    value = torch.tensor(float(flag), device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)

@@ -99,6 +99,11 @@ class VideoLLMConfig:
     attn_implementation: str | None = SDPA_PADDING_SAFE
     """E.g. "sdpa", "eager" or "flash_attention_2"; None lets transformers choose.
     The default is transformers' SDPA with a mask that lets a left-padding row attend somewhere (no NaN)."""
+    rope_scaling: float | None = None
+    """Linear RoPE scaling of the language model by this factor (positions divided by it), which stretches its
+    context (`max_position_embeddings`) as many times; None keeps the checkpoint's RoPE. LLaVA-NeXT-Video's
+    video demo uses 2 for Vicuna-7B (4,096 positions) at 32 frames. Every row must fit the context (checked
+    at each step: `check_context`)."""
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -164,6 +169,8 @@ def load_video_llm(config: VideoLLMConfig) -> tuple[nn.Module, Any]:
     }
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
+    if config.rope_scaling is not None:
+        kwargs["config"] = _linear_rope_scaling(path, config)
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
@@ -174,6 +181,62 @@ def load_video_llm(config: VideoLLMConfig) -> tuple[nn.Module, Any]:
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return prepare_for_training(model, config), processor
+
+
+def _linear_rope_scaling(path: str, config: VideoLLMConfig) -> Any:
+    """The checkpoint's config with its language model's RoPE scaled linearly by `config.rope_scaling`."""
+    from transformers import AutoConfig
+
+    if config.rope_scaling < 1:
+        raise ContextError(f"model.rope_scaling must be 1 or more (a linear factor): {config.rope_scaling}")
+    loaded = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    text = loaded.get_text_config()
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise ContextError(
+            f"model.rope_scaling: {path}'s language model already uses {rope['rope_type']!r} RoPE scaling; "
+            "linear scaling applies to unscaled RoPE only"
+        )
+    text.rope_parameters = {**rope, "rope_type": "linear", "factor": float(config.rope_scaling)}
+    return loaded
+
+
+class ContextError(UserError):
+    """A row with more positions than the model's context, or a RoPE scaling that cannot apply."""
+
+
+def context_length(model: nn.Module) -> tuple[int, str]:
+    """The positions the language model of `model` takes, and where the number comes from: its
+    `max_position_embeddings`, times the factor of a linear or dynamic RoPE scaling (for YaRN, Llama 3 and
+    LongRoPE scaling, `original_max_position_embeddings` times the factor, if larger)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.config.get_text_config()
+    positions = int(text.max_position_embeddings)
+    rope = getattr(text, "rope_parameters", None) or {}
+    kind, factor = rope.get("rope_type", "default"), float(rope.get("factor") or 1.0)
+    if kind in ("linear", "dynamic"):
+        return int(positions * factor), f"max_position_embeddings {positions} x {kind} RoPE factor {factor:g}"
+    if kind in ("yarn", "llama3", "longrope"):
+        original = int(rope.get("original_max_position_embeddings") or positions)
+        scaled = max(positions, int(original * factor))
+        return scaled, f"{kind} RoPE scaling {factor:g} of {original} positions"
+    return positions, f"max_position_embeddings {positions}, no RoPE scaling"
+
+
+def check_context(model: nn.Module, positions: torch.Tensor, records: Any, new_tokens: int = 0) -> None:
+    """A `ContextError` naming the first record whose row spans more positions than the model's context:
+    `positions` (rows,) counts each row's positions (video tokens included, as the processor expands them;
+    the highest M-RoPE position + 1 for Qwen2-VL and Qwen2.5-VL), plus `new_tokens` to generate."""
+    limit, source = context_length(model)
+    for row, count in enumerate((positions + new_tokens).tolist()):
+        if count > limit:
+            generated = f" with {new_tokens} new tokens" if new_tokens else ""
+            name = f"record {records[row].id!r}" if records is not None else f"row {row}"
+            raise ContextError(
+                f"{name}: its row spans {count} positions{generated} (its video tokens "
+                f"included), over the model's context of {limit} ({source}): use fewer frames "
+                "(data.num_frames), shorter rows (data.max_length) or a RoPE scaling (model.rope_scaling)"
+            )
 
 
 def limit_video_pixels(processor: Any, max_pixels: int | None) -> None:

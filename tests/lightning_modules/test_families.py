@@ -23,7 +23,7 @@ from datamodules.shapes.questions import template_vocabulary
 from datamodules.shapes.world import WorldConfig, sample_scene, write_clip
 from lightning_modules.alignment import AlignmentModule
 from lightning_modules.losses import preference_loss, sequence_logps, sft_loss
-from lightning_modules.preference import pair_model_inputs
+from lightning_modules.preference import pair_model_inputs, positions_spanned
 from lightning_modules.video_llm import MODEL_INPUTS, LoraSettings, VideoLLMConfig, load_video_llm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -268,6 +268,36 @@ def test_shared_prefix_pair_pass_equals_two_rows(family, attention, checkpoint, 
 
         plain_logps, _ = pair_logps(plain, pairs["labels"], pairs["pair_segments"])
     assert (plain_logps[2:] - two_logps[2:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
+def test_qwen_pair_rows_without_mm_token_type_ids_are_an_error(family, checkpoint, items):
+    """Qwen2-VL and Qwen2.5-VL place pair rows by their M-RoPE positions, which need the processor's
+    `mm_token_type_ids`; a batch without them used to fall back to 1-D positions and score other positions
+    than training's rows, silently."""
+    module = AlignmentModule(model=VideoLLMConfig(name_or_path=checkpoint(family), num_frames=4),
+                             objective="dpo", precompute_ref_log_probs=False)
+    pairs = ChatCollator(module.processor, "dpo")(items)
+    assert "mm_token_type_ids" in pairs, "the processor's own output carries them"
+    del pairs["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="mm_token_type_ids") as error:
+        module.pair_logps(module.llm, pairs)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
+def test_the_context_check_counts_qwen_rows_by_their_m_rope_positions(family, checkpoint, items):
+    """A Qwen row spans its highest M-RoPE position + 1 positions, not its token count (a frame grid's tokens
+    share a temporal position; the temporal step follows the clip's timing): as the model's own forward
+    places them (its `rope_deltas`: highest position + 1 - tokens)."""
+    model, processor = load_video_llm(VideoLLMConfig(name_or_path=checkpoint(family), num_frames=4))
+    batch = ChatCollator(processor, "sft")(items)
+    with torch.no_grad():
+        model(**model_inputs(batch), use_cache=False)
+    tokens = batch["attention_mask"].sum(dim=1)
+    expected = tokens + model.model.rope_deltas.flatten()
+    spanned = positions_spanned(model, batch)
+    assert spanned.tolist() == expected.tolist() and spanned.tolist() != tokens.tolist()
 
 
 def test_qwen2_5_vl_places_frames_in_time_by_the_clip_frame_rate(checkpoint, tmp_path):

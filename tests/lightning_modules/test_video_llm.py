@@ -3,6 +3,7 @@ export, and the atomic export of a trained model."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -212,3 +213,70 @@ def test_lora_can_train_the_projector_in_full_beside_the_adapters(tiny_base):
     assert not torch.allclose(projector(features), before)
     with model.disable_adapter():
         torch.testing.assert_close(projector(features), before)
+
+
+def _clip_items(frames: int):
+    """SFT items of two synthetic records, each with a rendered clip of `frames` frames (64 x 64)."""
+    import random
+
+    import numpy as np
+
+    from datamodules.collation import Example
+    from datamodules.records import QARecord
+    from datamodules.shapes.world import sample_scene
+
+    records = [QARecord("long-clip", "a.mp4", "what colour is the circle?", "the circle is red.", True),
+               QARecord("other", "b.mp4", "what colour is the star?", "the star is red.", True)]
+    clip = sample_scene(random.Random(0)).render()
+    frames_array = clip[np.linspace(0, len(clip) - 1, frames).round().astype(int)]
+    return [(Example(record, record.video), frames_array) for record in records]
+
+
+def test_a_row_past_the_context_is_one_error_naming_the_record_and_the_settings(tiny_base):
+    """The tiny model takes 256 positions; at 24 frames a row spans 24 x 16 video tokens and its text (the
+    demo's model used to train on such rows without a word). Linear RoPE scaling x2 makes room for them."""
+    from datamodules.collation import ChatCollator
+    from datamodules.errors import UserError
+    from lightning_modules.alignment import AlignmentModule
+    from lightning_modules.video_llm import context_length
+
+    module = AlignmentModule(VideoLLMConfig(name_or_path=str(tiny_base), num_frames=24))
+    assert context_length(module.llm)[0] == 256
+    batch = ChatCollator(module.processor, "sft", max_length=1024)(_clip_items(24))
+    spanned = int(batch["attention_mask"].sum(dim=1).max())
+    assert 256 < spanned <= 512
+    with pytest.raises(UserError) as error:
+        module.model_step(batch, "train")
+    message = str(error.value)
+    assert "\n" not in message and "'long-clip'" in message and f"{spanned} positions" in message
+    assert all(s in message for s in ("data.num_frames", "data.max_length", "model.rope_scaling", "256"))
+    with pytest.raises(UserError, match="with 24 new tokens"):
+        module.generate(ChatCollator(module.processor, "generate")(_clip_items(24)))
+
+    scaled = AlignmentModule(VideoLLMConfig(name_or_path=str(tiny_base), num_frames=24, rope_scaling=2.0))
+    assert context_length(scaled.llm) == (512, "max_position_embeddings 256 x linear RoPE factor 2")
+    assert torch.isfinite(scaled.model_step(batch, "train"))
+
+
+def test_rows_inside_the_context_pass_the_check_by_their_positions(tiny_base):
+    """The check counts each row's real positions: left padding is no position, and a DPO pair row's
+    rejected response restarts after the prompt (its positions are those of [prompt][rejected])."""
+    from datamodules.batch_format import Segment
+    from datamodules.collation import ChatCollator
+    from lightning_modules.preference import positions_spanned
+    from lightning_modules.video_llm import ContextError, check_context
+
+    model, processor = load_video_llm(VideoLLMConfig(name_or_path=str(tiny_base), num_frames=2))
+    items = [(dataclasses.replace(example, rejected="the circle is blue and small ."), clip)
+             for example, clip in _clip_items(2)]
+    sft = ChatCollator(processor, "sft")(items)
+    assert positions_spanned(model, sft).tolist() == sft["attention_mask"].sum(dim=1).tolist()
+    pairs = ChatCollator(processor, "dpo")(items)
+    spanned = positions_spanned(model, pairs)
+    parts = {segment: (pairs["pair_segments"] == segment).sum(dim=1) for segment in Segment}
+    expected = parts[Segment.PROMPT] + torch.maximum(parts[Segment.CHOSEN], parts[Segment.REJECTED])
+    assert spanned.tolist() == expected.tolist(), "the rejected response's positions restart after the prompt"
+    assert (parts[Segment.REJECTED] > parts[Segment.CHOSEN]).all()
+    check_context(model, spanned + 256 - int(spanned.max()), pairs["records"])
+    with pytest.raises(ContextError, match="'long-clip'|'other'"):
+        check_context(model, spanned + 257 - int(spanned.max()), pairs["records"])
