@@ -276,9 +276,9 @@ def test_dpo_reference_pass_keys_pairs_by_file_identity_without_decoding(tmp_pat
     passes = []  # (pairs computed, clips read) of each run's reference pass
     precompute_for_fit = DPOReference.precompute_for_fit
 
-    def counted(self, *args):
+    def counted(self, *args, **kwargs):
         before = len(reads)
-        computed = precompute_for_fit(self, *args)
+        computed = precompute_for_fit(self, *args, **kwargs)
         passes.append((computed, reads[before:]))
         return computed
 
