@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
+from datamodules.collation import Example
 from datamodules.records import read_predictions, write_predictions
 from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
 from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
@@ -169,6 +170,7 @@ class AlignmentModule(L.LightningModule):
             self.dpo_reference.keep_frozen_copy(self.llm)  # full fine-tuning
 
     def on_fit_start(self) -> None:
+        self._check_longest_rows()
         if self.hparams.objective == "dpo" and self.hparams.precompute_ref_log_probs:
             read = self._open_reference_cache()
             computed = self.dpo_reference.precompute_for_fit(
@@ -181,6 +183,23 @@ class AlignmentModule(L.LightningModule):
         set_training_mode(self.llm, self.config)
         if self.reference is not None:
             self.reference.eval()
+
+    def _check_longest_rows(self) -> None:
+        """Before training: the training and validation sets' `LONGEST_ROWS` longest rows by their text (a
+        family's clips give alike numbers of video tokens) are collated with their clips and checked against
+        the context, so that a row too long stops `fit` at setup, not hours into an epoch. Every row is still
+        checked before its own pass (`check_context`)."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            return
+        loaders = [datamodule.train_dataloader()]
+        if self.trainer.limit_val_batches != 0:
+            loaders.append(datamodule.val_dataloader())
+        for loader in loaders:
+            dataset = loader.dataset
+            lengths = [text_length(example) for example in dataset.examples]
+            for index in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:LONGEST_ROWS]:
+                self.check_context(self._to_device(loader.collate_fn([dataset[index]])))
 
     def _sharded(self) -> bool:
         """Whether the model's weights are sharded by FSDP outside its root's forward (`fit` under FSDP)."""
@@ -503,6 +522,15 @@ def model_settings(config: VideoLLMConfig) -> dict[str, Any]:
             "modules_to_save": names(lora.modules_to_save),
         },
     }
+
+
+LONGEST_ROWS = 2  # rows of each split checked against the context before training
+
+
+def text_length(example: Example) -> int:
+    """Characters of an example's text (its questions and responses): what orders its rows by length."""
+    records = (example.record, *example.follow_ups)
+    return sum(len(r.question) + len(r.answer) for r in records) + len(example.rejected or "")
 
 
 def warmup_cosine(

@@ -280,3 +280,17 @@ def test_rows_inside_the_context_pass_the_check_by_their_positions(tiny_base):
     check_context(model, spanned + 256 - int(spanned.max()), pairs["records"])
     with pytest.raises(ContextError, match="'long-clip'|'other'"):
         check_context(model, spanned + 257 - int(spanned.max()), pairs["records"])
+
+
+def test_a_row_past_the_context_stops_fit_at_setup_before_any_step(tmp_path, cli_args, run_main, monkeypatch):
+    """The longest rows are checked before training (`on_fit_start`): a run whose clips do not fit the
+    tiny model's 256 positions stops before its first step, not when a batch first holds such a row."""
+    from datamodules.errors import UserError
+    from lightning_modules.alignment import AlignmentModule
+
+    steps = []
+    monkeypatch.setattr(AlignmentModule, "model_step", lambda self, *a: steps.append(1))
+    frames = ["--data.init_args.num_frames=24", "--model.init_args.model.num_frames=24"]
+    with pytest.raises(UserError, match="positions"):
+        run_main(cli_args("fit", tmp_path, steps=1, extra=frames))
+    assert steps == [], "no training or validation step ran"
