@@ -21,8 +21,8 @@ import torch
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
 from datamodules.batch_format import IGNORE_INDEX
-from datamodules.records import read_predictions, write_predictions
-from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
+from datamodules.records import write_predictions
+from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows, read_before
 from lightning_modules.losses import dpo_with_sft, preference_loss, sft_loss
 from lightning_modules.preference import DPOReference, ReferenceCache, score_pairs
 from lightning_modules.run_folder import RunCheckpoint, StopOnSigterm
@@ -87,8 +87,10 @@ class AlignmentModule(L.LightningModule):
             judge: labels each response refused/correct/reason_ok (default: exact match, synthetic world).
             paired: in `test` of a LoRA model, also score the model before alignment (adapters disabled,
                 the paper's f0) and the alignment scores.
-            before_predictions: in `test`, take the responses of the model before alignment from this
-                predictions file (joined on `id`) instead.
+            before_predictions: in `test`, take the responses of the model before alignment, and its refusal
+                likelihoods when the file has them, from this predictions file (joined on `id`) instead: a
+                `predict` file, or the predictions of an earlier paired `test` of the same base model
+                (`evaluation.read_before`).
             output_dir: the run's folder: checkpoints, the exported model, `test`/`predict` files;
                 defaults to the trainer's `default_root_dir`.
             disable_dropout: turn every dropout of the model off (each `nn.Dropout`, LoRA's `lora_dropout`
@@ -106,6 +108,7 @@ class AlignmentModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.evaluator = AnswerabilityEvaluator(judge)  # a submodule: its metrics follow the device and sync
         self._before_responses: dict[str, str] | None = None
+        self._before_likelihoods: dict[str, float] | None = None
         self._window_tokens: torch.Tensor | int = 0  # response tokens of the SFT accumulation window so far
         trainable, total = count_parameters(self.llm)
         log.info("video-LLM %s: %d of %d parameters trainable", self.config.name_or_path, trainable, total)
@@ -464,8 +467,7 @@ class AlignmentModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.evaluator.reset()
         if self.hparams.before_predictions:
-            rows = read_predictions(self.hparams.before_predictions, ("response",))
-            self._before_responses = {row["id"]: row["response"] for row in rows}
+            self._before_responses, self._before_likelihoods = read_before(self.hparams.before_predictions)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Score the batch with the model under test and, paired, with the model before alignment: one
@@ -486,6 +488,9 @@ class AlignmentModule(L.LightningModule):
                     f"{self.hparams.before_predictions}: field 'id': no prediction for record {missing[0]!r}"
                 )
             before = [self._before_responses[r.id] for r in records]
+            if self._before_likelihoods is not None:
+                values = [self._before_likelihoods[r.id] for r in records]
+                before_likelihood = torch.tensor(values, device=after_likelihood.device)
         elif paired:
             with self.llm.disable_adapter():
                 before, before_likelihood = self.score(batch, inputs)

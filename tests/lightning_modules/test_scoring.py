@@ -249,3 +249,42 @@ def test_refusal_opening_is_counted_in_context():
     whole = tokenizer(prompt + " " + REFUSAL_OPENING)["input_ids"]
     assert whole == tokenizer(prompt)["input_ids"] + opening
     assert tokenizer.decode(opening).strip() == REFUSAL_OPENING
+
+
+def test_a_second_test_reuses_f0_responses_and_likelihoods_from_a_paired_file(checkpoint, items, tmp_path):
+    """`before_predictions` naming an earlier paired `test`'s predictions: f0 is not scored again (one vision
+    pass, one prefill per item), and its rows, AUROC's likelihoods included, are the file's."""
+    import json
+
+    module = build(checkpoint("llava_next_video"), lora=True)
+    batch = ChatCollator(module.processor, "generate")(items)
+    first = scored_rows(module, batch)
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in first))
+    module.hparams.before_predictions = str(path)
+    module.on_test_epoch_start()
+    vision, prefill = count_vision(module), count_prefill(module)
+    module.test_step(batch, 0)
+    assert vision["calls"] == 1 and len(prefill) == 2, "f1 alone is scored"
+    assert module.evaluator.rows == first
+    assert module.evaluator.results()["before"]["answerability_auroc"] == pytest.approx(first_auroc(first))
+
+
+def first_auroc(rows: list[dict]) -> float:
+    """f0's AUROC from paired rows: P(likelihood of an unanswerable item > an answerable one's)."""
+    u = [r["before"]["refusal_likelihood"] for r in rows if not r["answerable"]]
+    a = [r["before"]["refusal_likelihood"] for r in rows if r["answerable"]]
+    return sum((x > y) + 0.5 * (x == y) for x in u for y in a) / (len(u) * len(a))
+
+
+def test_before_predictions_with_likelihoods_on_some_rows_only_is_an_error(tmp_path):
+    from datamodules.records import RecordError
+    from lightning_modules.evaluation import read_before
+
+    path = tmp_path / "f0.jsonl"
+    path.write_text('{"id": "a", "response": "x", "refusal_likelihood": -1.0}\n{"id": "b", "response": "y"}\n')
+    with pytest.raises(RecordError, match=r"f0.jsonl: field 'refusal_likelihood': record 'b'"):
+        read_before(path)
+    path.write_text('{"id": "a", "before": {"response": 3}, "after": {"response": "x"}}\n')
+    with pytest.raises(RecordError, match=r"field 'before.response': record 'a'"):
+        read_before(path)
