@@ -282,7 +282,8 @@ def test_before_predictions_with_likelihoods_on_some_rows_only_is_an_error(tmp_p
     from lightning_modules.evaluation import read_before
 
     path = tmp_path / "f0.jsonl"
-    path.write_text('{"id": "a", "response": "x", "refusal_likelihood": -1.0}\n{"id": "b", "response": "y"}\n')
+    path.write_text('{"id": "a", "response": "x", "refusal_likelihood": -1.0}\n'
+                    '{"id": "b", "response": "y"}\n')
     with pytest.raises(RecordError, match=r"f0.jsonl: field 'refusal_likelihood': record 'b'"):
         read_before(path)
     path.write_text('{"id": "a", "before": {"response": 3}, "after": {"response": "x"}}\n')
