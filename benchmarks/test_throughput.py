@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     out = work / f"{model}_{stage}_{name}"
                     rates[name] = run(tree, stage, model, checkpoints[model], data, out, args.threads)
                 label = "test (paired)" if stage == "test" else stage
-                print(f"{model:8} {label:14} {rates['before']:14.2f} {rates['after']:14.2f} "
+                print(f"{model:8} {label:14} {rates['before']:14.3f} {rates['after']:14.3f} "
                       f"{rates['after'] / rates['before']:12.2f}", flush=True)
     return 0
 
