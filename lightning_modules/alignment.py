@@ -356,12 +356,9 @@ class AlignmentModule(L.LightningModule):
     def _greedy(self, inputs: dict[str, Any], scores: bool = False) -> Any:
         """`generate`'s greedy output for model inputs (`return_dict_in_generate`); with `scores`, also the
         raw logits of every step (the first: the prompt's last position) and the cache."""
-        return self.llm.generate(
-            **inputs,
-            generation_config=self.greedy_generation_config(),
-            return_dict_in_generate=True,
-            output_logits=scores,
-        )
+        config = self.greedy_generation_config()
+        config.return_dict_in_generate, config.output_logits = True, scores
+        return self.llm.generate(**inputs, generation_config=config)
 
     def _texts(self, output: Any, inputs: dict[str, Any]) -> list[str]:
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
