@@ -31,7 +31,8 @@ demo: install
 	$(PY) main.py fit -c configs/shapes/sft.yaml
 	$(PY) main.py fit -c configs/shapes/dpo.yaml
 	$(PY) main.py test -c configs/shapes/sft.yaml --ckpt_path outputs/shapes/sft/checkpoints/last.ckpt
-	$(PY) main.py test -c configs/shapes/dpo.yaml --ckpt_path outputs/shapes/dpo/checkpoints/last.ckpt
+	$(PY) main.py test -c configs/shapes/dpo.yaml --ckpt_path outputs/shapes/dpo/checkpoints/last.ckpt \
+		--model.init_args.before_predictions outputs/shapes/sft/predictions.jsonl
 	$(PY) -m metrics.combine --out outputs/demo --run sft=outputs/shapes/sft --run dpo=outputs/shapes/dpo \
 		--seconds $$(( $$(date +%s) - $$(cat outputs.demo.start) ))
 	@rm -f outputs.demo.start

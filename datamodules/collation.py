@@ -86,8 +86,9 @@ class ChatCollator:
     whose frame rate and frame indices reach the processor, or a bare (T, H, W, 3) frame array).
 
     `mode`: "sft" (prompt + gold answer, labels on the answer only), "dpo" (one row per pair, see
-    `pack_pairs`, with each pair's `pair_digest` in `pair_digests`), "generate" (prompt only, plus prompt +
-    refusal opening for the refusal likelihood).
+    `pack_pairs`, with each pair's `pair_digest` in `pair_digests`), "generate" (prompt only, each clip
+    processed once, plus `refusal_ids`: the refusal opening's tokens after each prompt, which
+    `AlignmentModule.score` reads as a continuation of the prompt).
     A prompt longer than `max_length` is an error, never truncated (it would cut through video tokens).
 
     Every response is labelled up to and including the tokenizer's end-of-turn token (`eos_token`: `</s>`
@@ -234,6 +235,30 @@ class ChatCollator:
         batch["pair_digests"] = [pair_digest(e) for e in examples]
         return batch
 
+    def _refusal_ids(self, questions: list[str], prompts: list[str]) -> torch.Tensor:
+        """The refusal opening's tokens after each prompt, counted in context: the chat text up to the end of
+        the opening, tokenized whole, less the prompt's tokens (checked to be its prefix). Tokenized alone,
+        `" " + opening` can give a SentencePiece tokenizer one token more (a lone "▁"). Right-padded with
+        `IGNORE_INDEX` to the longest opening of the batch."""
+        texts = []
+        for question in questions:
+            chat = self._chat([(question, REFUSAL_OPENING)])
+            texts.append(chat[: chat.rindex(REFUSAL_OPENING) + len(REFUSAL_OPENING)])
+        encoded = self.tokenizer(prompts + texts)["input_ids"]
+        openings = []
+        halves = encoded[: len(prompts)], encoded[len(prompts) :]
+        for prompt, whole, text in zip(*halves, texts, strict=True):
+            if whole[: len(prompt)] != prompt or len(whole) == len(prompt):
+                raise ValueError(
+                    f"{type(self.tokenizer).__name__}: the prompt does not tokenize as a prefix of "
+                    f"{text[-80:]!r}, so the refusal opening cannot be scored after it"
+                )
+            openings.append(whole[len(prompt) :])
+        ids = torch.full((len(openings), max(map(len, openings))), IGNORE_INDEX, dtype=torch.long)
+        for row, opening in enumerate(openings):
+            ids[row, : len(opening)] = torch.tensor(opening)
+        return ids
+
     def _check_length(self, lengths: torch.Tensor, examples: list[Example]) -> None:
         for example, length in zip(examples, lengths.tolist(), strict=True):
             if length > self.max_length:
@@ -256,16 +281,9 @@ class ChatCollator:
             batch = self._pairs(examples, videos)
         else:
             prompts = [self.prompt(e.record.question) for e in examples]
-            batch = self._encode(prompts, videos)
+            batch = self._encode(prompts, videos)  # each clip processed once
             self._check_length(batch["attention_mask"].sum(dim=1), examples)
-            refusal = self._labelled(examples, [REFUSAL_OPENING] * len(examples), videos)
-            # The chat template closes the turn after the opening; keep only the opening's tokens.
-            opening = len(self.tokenizer(" " + REFUSAL_OPENING, add_special_tokens=False)["input_ids"])
-            labels = refusal["labels"]
-            for row in range(labels.shape[0]):
-                positions = (labels[row] != IGNORE_INDEX).nonzero().flatten()
-                labels[row, positions[opening:]] = IGNORE_INDEX
-            batch["refusal"] = {k: v for k, v in refusal.items() if k != "pixel_values_videos"}
+            batch["refusal_ids"] = self._refusal_ids([e.record.question for e in examples], prompts)
         batch["ids"] = ids
         batch["records"] = RecordBatch(e.record for e in examples)
         return batch

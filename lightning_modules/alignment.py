@@ -11,6 +11,7 @@ with the adapters disabled, the model before alignment (the paper's f0), for the
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -19,10 +20,11 @@ import lightning as L
 import torch
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
+from datamodules.batch_format import IGNORE_INDEX
 from datamodules.collation import Example
-from datamodules.records import read_predictions, write_predictions
-from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows
-from lightning_modules.losses import dpo_with_sft, preference_loss, sequence_logps, sft_loss
+from datamodules.records import write_predictions
+from lightning_modules.evaluation import AnswerabilityEvaluator, gather_rows, read_before
+from lightning_modules.losses import dpo_with_sft, preference_loss, sft_loss
 from lightning_modules.preference import DPOReference, ReferenceCache, positions_spanned, score_pairs
 from lightning_modules.run_folder import (
     RunCheckpoint,
@@ -38,6 +40,7 @@ from lightning_modules.video_llm import (
     model_inputs,
     save_hf,
     set_training_mode,
+    vision_modules,
 )
 from lightning_modules.video_llm import disable_dropout as _disable_dropout
 from metrics.judges import Judge
@@ -92,8 +95,10 @@ class AlignmentModule(L.LightningModule):
             judge: labels each response refused/correct/reason_ok (default: exact match, synthetic world).
             paired: in `test` of a LoRA model, also score the model before alignment (adapters disabled,
                 the paper's f0) and the alignment scores.
-            before_predictions: in `test`, take the responses of the model before alignment from this
-                predictions file (joined on `id`) instead.
+            before_predictions: in `test`, take the responses of the model before alignment, and its refusal
+                likelihoods when the file has them, from this predictions file (joined on `id`) instead: a
+                `predict` file, or the predictions of an earlier paired `test` of the same base model
+                (`evaluation.read_before`).
             output_dir: the run's folder: checkpoints, the exported model, `test`/`predict` files;
                 defaults to the trainer's `default_root_dir`.
             disable_dropout: turn every dropout of the model off (each `nn.Dropout`, LoRA's `lora_dropout`
@@ -111,6 +116,7 @@ class AlignmentModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.evaluator = AnswerabilityEvaluator(judge)  # a submodule: its metrics follow the device and sync
         self._before_responses: dict[str, str] | None = None
+        self._before_likelihoods: dict[str, float] | None = None
         self._window_tokens: torch.Tensor | int = 0  # response tokens of the SFT accumulation window so far
         trainable, total = count_parameters(self.llm)
         log.info("video-LLM %s: %d of %d parameters trainable", self.config.name_or_path, trainable, total)
@@ -436,25 +442,107 @@ class AlignmentModule(L.LightningModule):
             **ids,
         )
 
-    @torch.no_grad()
-    def generate(self, batch: dict[str, Any]) -> list[str]:
-        self.check_context(batch, self.hparams.max_new_tokens)
-        inputs = self._inputs(batch)
-        output = self.llm.generate(**inputs, generation_config=self.greedy_generation_config())
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    def _hf_model(self) -> torch.nn.Module:
+        """The Hugging Face model (a peft model's base model)."""
+        return self.llm.get_base_model() if self.uses_lora else self.llm
+
+    def _greedy(self, inputs: dict[str, Any], scores: bool = False) -> Any:
+        """`generate`'s greedy output for model inputs (`return_dict_in_generate`); with `scores`, also the
+        raw logits of every step (the first: the prompt's last position) and the cache."""
+        config = self.greedy_generation_config()
+        config.return_dict_in_generate, config.output_logits = True, scores
+        return self.llm.generate(**inputs, generation_config=config)
+
+    def _texts(self, output: Any, inputs: dict[str, Any]) -> list[str]:
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
     @torch.no_grad()
+    def generate(self, batch: dict[str, Any]) -> list[str]:
+        """Greedy responses to a "generate" batch's prompts."""
+        self.check_context(batch, self.hparams.max_new_tokens)
+        inputs = self._inputs(batch)
+        return self._texts(self._greedy(inputs), inputs)
+
+    @torch.no_grad()
+    def score(
+        self, batch: dict[str, Any], inputs: dict[str, Any] | None = None
+    ) -> tuple[list[str], torch.Tensor]:
+        """Greedy responses and refusal likelihoods of a "generate" batch, from one prefill of each prompt.
+
+        The refusal likelihood is the mean log-probability of the refusal opening (`batch["refusal_ids"]`,
+        its tokens in context) given the video and question: its first token from the prefill's last logits
+        (the first step of greedy decoding), the rest from a continuation of the prompt's KV cache, cropped
+        back to the prompt after decoding. Generation is `generate`'s own, unchanged. `inputs`: the model
+        inputs to use instead of the batch's (`video_features`' output, to share the vision pass).
+        """
+        self.check_context(batch, max(self.hparams.max_new_tokens, batch["refusal_ids"].shape[1]))
+        inputs = self._inputs(batch) if inputs is None else inputs
+        output = self._greedy(inputs, scores=True)
+        opening = batch["refusal_ids"]
+        valid = opening != IGNORE_INDEX
+        first = torch.log_softmax(output.logits[0].float(), dim=-1).gather(1, opening[:, :1].clamp_min(0))
+        logps = [first.squeeze(1)]
+        if opening.shape[1] > 1:
+            logits = self._continue(inputs, output.cache, opening[:, :-1].masked_fill(~valid[:, :-1], 0))
+            rest = torch.log_softmax(logits.float(), dim=-1).gather(2, opening[:, 1:, None].clamp_min(0))
+            logps.append(rest.squeeze(2).masked_fill(~valid[:, 1:], 0).sum(dim=1))
+        likelihood = sum(logps) / valid.sum(dim=1).clamp_min(1)
+        return self._texts(output, inputs), likelihood.float()
+
+    def _continue(self, inputs: dict[str, Any], cache: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of `tokens` appended to the prompts of `inputs`, read from `cache` (the prompts' keys and
+        values, and possibly generated tokens after them, which are cropped off). Positions continue each
+        prompt's as greedy decoding's do (for M-RoPE models, from the model's stored `rope_deltas`)."""
+        width = inputs["input_ids"].shape[1]
+        cache.crop(width - cache.get_seq_length())  # a negative count: the tokens to remove
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(inputs["input_ids"])
+        mask = torch.cat([mask, torch.ones_like(tokens, dtype=mask.dtype)], dim=1)
+        positions = mask.long().cumsum(-1)[:, width:] - 1
+        model = self._hf_model()
+        deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+        if deltas is not None:  # Qwen2-VL / Qwen2.5-VL: [text; temporal; height; width] rows
+            positions = torch.cat([positions[None], (positions + deltas)[None].expand(3, -1, -1)], dim=0)
+        return self.llm(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True).logits
+
+    def adapters_spare_vision(self) -> bool:
+        """Whether the LoRA adapters leave the video features alone: no adapter layer (nor a peft
+        `modules_to_save` copy) in the vision tower(s) or the multimodal projector, so disabling the adapters
+        (the model before alignment) does not change them."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+
+        model = self._hf_model()
+        parts = [*vision_modules(model)]
+        for holder in (model, getattr(model, "model", None)):
+            projector = getattr(holder, "multi_modal_projector", None)
+            if isinstance(projector, torch.nn.Module):
+                parts.append(projector)
+        adapted = (BaseTunerLayer, ModulesToSaveWrapper)
+        return not any(isinstance(m, adapted) for part in parts for m in part.modules())
+
+    def video_features(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with the video encoded: `pixel_values_videos` replaced by `mm_encoder_outputs`, the
+        model's `get_video_features` output, exactly what `generate` computes before its prefill. Inputs of a
+        model that cannot take them, or without a video, are returned as they are."""
+        model = self._hf_model()
+        encoder = getattr(model.base_model, "get_video_features", None)
+        takes = "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+        if encoder is None or not takes or inputs.get("pixel_values_videos") is None:
+            return inputs
+        parameters = inspect.signature(encoder).parameters
+        features = encoder(**{k: v for k, v in inputs.items() if k in parameters}, return_dict=True)
+        rest = {k: v for k, v in inputs.items() if k != "pixel_values_videos"}
+        return {**rest, "mm_encoder_outputs": {"video": features}}
+
+    @torch.no_grad()
     def refusal_likelihood(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean log-probability of the refusal opening given the video and question (one forward pass)."""
-        refusal = dict(batch["refusal"])
-        if "pixel_values_videos" in batch:
-            refusal["pixel_values_videos"] = batch["pixel_values_videos"]
-        labels = refusal.pop("labels")
-        logits = self.llm(**self._inputs(refusal), use_cache=False).logits
-        logps, counts = sequence_logps(logits, labels)
-        return (logps / counts.clamp_min(1)).float()
+        """Mean log-probability of the refusal opening given the video and question (see `score`)."""
+        return self.score(batch)[1]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         return [{"id": i, "response": r} for i, r in zip(batch["ids"], self.generate(batch), strict=True)]
@@ -471,12 +559,19 @@ class AlignmentModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.evaluator.reset()
         if self.hparams.before_predictions:
-            rows = read_predictions(self.hparams.before_predictions, ("response",))
-            self._before_responses = {row["id"]: row["response"] for row in rows}
+            self._before_responses, self._before_likelihoods = read_before(self.hparams.before_predictions)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Score the batch with the model under test and, paired, with the model before alignment: one
+        prefill per model and item (`score`), and one vision pass per item when the adapters spare the
+        vision tower and projector (`adapters_spare_vision`)."""
         records = batch["records"]
-        after, after_likelihood = self.generate(batch), self.refusal_likelihood(batch)
+        inputs = self._inputs(batch)
+        paired = self._before_responses is None and self.hparams.paired and self.uses_lora
+        if paired and self.adapters_spare_vision():
+            with torch.no_grad():
+                inputs = self.video_features(inputs)
+        after, after_likelihood = self.score(batch, inputs)
         before = before_likelihood = None
         if self._before_responses is not None:
             missing = [r.id for r in records if r.id not in self._before_responses]
@@ -485,9 +580,12 @@ class AlignmentModule(L.LightningModule):
                     f"{self.hparams.before_predictions}: field 'id': no prediction for record {missing[0]!r}"
                 )
             before = [self._before_responses[r.id] for r in records]
-        elif self.hparams.paired and self.uses_lora:
+            if self._before_likelihoods is not None:
+                values = [self._before_likelihoods[r.id] for r in records]
+                before_likelihood = torch.tensor(values, device=after_likelihood.device)
+        elif paired:
             with self.llm.disable_adapter():
-                before, before_likelihood = self.generate(batch), self.refusal_likelihood(batch)
+                before, before_likelihood = self.score(batch, inputs)
         self.evaluator.update(records, after, after_likelihood, before, before_likelihood)
 
     def on_test_epoch_end(self) -> None:

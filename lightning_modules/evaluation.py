@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
-from datamodules.records import QARecord
+from datamodules.records import QARecord, RecordError, read_predictions
 from metrics.answerability import (
     AnswerabilityAUROC,
     AnswerabilityMetrics,
@@ -26,7 +26,7 @@ from metrics.answerability import (
     category_ids,
 )
 from metrics.judges import ExactMatchJudge, Judge, JudgeItem, Judgement
-from metrics.names import ALIGNMENT
+from metrics.names import ALIGNMENT, BEFORE
 from metrics.report import write_reports
 from metrics.runs import paired_rows, prediction_row, report_metrics
 from metrics.wandb_charts import log_to_wandb
@@ -175,3 +175,28 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     dist.all_gather_object(gathered, rows)
     unique = {row["id"]: row for part in gathered for row in part}  # a padding sampler repeats items
     return list(unique.values())
+
+
+def read_before(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, float] | None]:
+    """The responses, by id, of the model before alignment from a predictions file, and its refusal
+    likelihoods when the file has them for every row (else None): a `predict` file or a single-model `test`
+    file (`response`, `refusal_likelihood`), or a paired `test` file, whose f0 fields are nested under
+    "before" (so a second `test` of the same base reuses the first's f0, AUROC included). A row without a
+    string response, or a likelihood on some rows only, is a `RecordError` naming the file and the record."""
+    responses: dict[str, str] = {}
+    likelihoods: dict[str, float] = {}
+    prefix = ""
+    for row in read_predictions(path):
+        fields, prefix = (row[BEFORE], f"{BEFORE}.") if isinstance(row.get(BEFORE), dict) else (row, "")
+        if not isinstance(fields.get("response"), str):
+            problem = f"record {row['id']!r}: missing or not a string"
+            raise RecordError(path, None, prefix + "response", problem)
+        responses[row["id"]] = fields["response"]
+        likelihood = fields.get("refusal_likelihood")
+        if isinstance(likelihood, (int, float)) and not isinstance(likelihood, bool):
+            likelihoods[row["id"]] = float(likelihood)
+    if likelihoods and likelihoods.keys() != responses.keys():
+        missing = next(i for i in responses if i not in likelihoods)
+        problem = f"record {missing!r}: missing, while other rows have one (used for all items or none)"
+        raise RecordError(path, None, prefix + "refusal_likelihood", problem)
+    return responses, likelihoods or None
