@@ -176,7 +176,6 @@ class AlignmentModule(L.LightningModule):
             self.dpo_reference.keep_frozen_copy(self.llm)  # full fine-tuning
 
     def on_fit_start(self) -> None:
-        self._check_longest_rows()
         if self.hparams.objective == "dpo" and self.hparams.precompute_ref_log_probs:
             read = self._open_reference_cache()
             computed = self.dpo_reference.precompute_for_fit(
@@ -184,6 +183,8 @@ class AlignmentModule(L.LightningModule):
             )
             log.info("reference log-probabilities: %d pairs computed, %d read from %s", computed, read,
                      self.reference_cache.path)
+        else:  # the reference pass checks every pair it computes against the context
+            self._check_longest_rows()
         # Lightning keeps the modes modules have; a loaded checkpoint comes in eval mode (see
         # `set_training_mode`). The frozen reference copy stays in eval mode.
         set_training_mode(self.llm, self.config)
@@ -193,9 +194,9 @@ class AlignmentModule(L.LightningModule):
     def _check_longest_rows(self) -> None:
         """Before training: the training and validation sets' `LONGEST_ROWS` longest rows by their text (a
         family's clips give alike numbers of video tokens) are collated with their clips and checked against
-        the context, so that a row too long stops `fit` at setup, not hours into an epoch. Every row is still
-        checked before its own pass (`check_context`)."""
-        datamodule = self.trainer.datamodule
+        the context, so that a row too long stops `fit` at setup, not hours into an epoch (DPO's reference
+        pass, when it runs, checks every pair instead). Every row is still checked before its own pass."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None:
             return
         loaders = [datamodule.train_dataloader()]
