@@ -35,7 +35,7 @@ def sources(tmp_path) -> dict[str, list[Path]]:
         result = read_uvqa_with_negatives(release / f"train_{category}.json", release / negatives, category)
         write_records(inputs[-1], result.records)
         tests.append(folder / f"test_{category}.jsonl")
-        write_records(tests[-1], read_uvqa(release / f"eval_{category}.json", category).records)
+        write_records(tests[-1], read_uvqa(release / f"small_eval_{category}.json", category).records)
     inputs.append(folder / "answerable.jsonl")
     write_records(inputs[-1], import_videochatgpt(FIXTURES / "videochatgpt" / "VideoInstruct_small.json")[0])
     return {"inputs": inputs, "tests": tests}
