@@ -76,7 +76,8 @@ class Shape:
     max_new_tokens: int
     vocab_size: int = 32064
     max_positions: int = 4096
-    """Llama's context in the checkpoint; RoPE is scaled linearly by `rope_factor` beyond it."""
+    """Llama's context in the checkpoint; loading scales RoPE linearly by `rope_factor` (`model.rope_scaling`,
+    as the 7B configs do), so the context checked is max_positions x rope_factor."""
     rope_factor: float = 2.0
 
 
@@ -117,8 +118,8 @@ def model_config(shape: Shape, tokenizer: Any):
         vocab_size=shape.vocab_size, hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
         num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
         num_key_value_heads=shape.text_heads, rms_norm_eps=1e-5,
-        max_position_embeddings=int(shape.max_positions * shape.rope_factor),
-        rope_parameters={"rope_type": "linear", "factor": shape.rope_factor, "rope_theta": 10000.0},
+        max_position_embeddings=shape.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
@@ -157,7 +158,7 @@ def random_weights(device: torch.device):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     def build(path: str, **kwargs: Any):
-        config = AutoConfig.from_pretrained(path)
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)  # `rope_scaling` passes one
         with torch.device(device):
             return AutoModelForImageTextToText.from_config(config, **kwargs).eval()
 
@@ -169,8 +170,9 @@ def build_module(folder: Path, shape: Shape, objective: str, device: torch.devic
     """The `AlignmentModule` of the 7B configs at `shape`, its model on `device`."""
     from lightning_modules.alignment import AlignmentModule
 
+    # As the 7B configs: the checkpoint's 4,096 positions, scaled linearly at load (model.rope_scaling).
     config = VideoLLMConfig(name_or_path=str(folder), num_frames=shape.frames, torch_dtype="bfloat16",
-                            gradient_checkpointing=True, lora=LORA)
+                            gradient_checkpointing=True, lora=LORA, rope_scaling=shape.rope_factor)
     torch.manual_seed(0)
     with random_weights(device):
         module = AlignmentModule(model=config, objective=objective, lr=1e-5,
@@ -389,7 +391,7 @@ def positions_note(shape: Shape, report: dict[str, Any]) -> str:
     sft, dpo = report["sft"]["positions"], report["dpo"]["positions"]
     return (f"{shape.frames} frames x {per_frame} video tokens = {shape.frames * per_frame}; the longest "
             f"row: {sft} positions (SFT), {dpo} (DPO pair row); the checkpoint's Llama has "
-            f"{shape.max_positions}: the config scales RoPE linearly by {shape.rope_factor:g} "
+            f"{shape.max_positions}: loading scales RoPE linearly by {shape.rope_factor:g} "
             f"({int(shape.max_positions * shape.rope_factor)} positions)")
 
 
