@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.errors import USER_ERRORS, user_error_message
-from datamodules.records import CATEGORIES, RecordError, read_records, summarize_records
+from datamodules.records import RecordError, read_records, summarize_records
 from datamodules.shapes.dataset import build_synthetic_dataset, check_synthetic_folder, format_summary
 from datamodules.sources.assemble import add_assemble_parser
 from datamodules.sources.generate import add_generate_parser, add_import_videochatgpt_parser
 from datamodules.sources.negatives import add_import_uvqa_negatives_parser
+from datamodules.sources.uvqa import add_uvqa_arguments
 
 # How many missing videos `stats --video-root` names.
 MISSING_VIDEOS_SHOWN = 5
@@ -82,11 +83,7 @@ def add_import_uvqa_parser(subparsers: argparse._SubParsersAction) -> argparse.A
         description="Convert a UVQA file (eval or training; docs/design.md section 3) into JSONL records. "
         "Exact duplicates are dropped and counted.",
     )
-    parser.add_argument("--input", required=True, type=Path, metavar="FILE", help="e.g. eval_object.json")
-    parser.add_argument("--category", required=True, choices=CATEGORIES)
-    parser.add_argument("--out", required=True, type=Path, metavar="OUT.jsonl")
-    parser.add_argument("--extension", default=".mp4",
-                        help="extension added to MOMA-LRG video ids (object, relation; default .mp4)")
+    add_uvqa_arguments(parser, "eval_object.json")
     parser.set_defaults(func=run_import_uvqa)
     return parser
 

@@ -308,11 +308,9 @@ class ReferenceCache:
 # ---------------------------------------------------------------------------------- the reference
 @dataclass
 class PassProgress:
-    """How far a reference pass went: pairs computed, pairs gone through (computed or found in the cache),
-    and whether a SIGTERM stopped it before its end."""
+    """How far a reference pass went: pairs computed, and whether a SIGTERM stopped it before its end."""
 
     computed: int = 0
-    done: int = 0
     stopped: bool = False
 
 
@@ -427,7 +425,6 @@ class DPOReference(nn.Module):
             if stopping:
                 progress.stopped = True
                 break
-            progress.done += len(batch["ids"])
             needed = cache.missing(batch["ids"], batch["pair_digests"])
             if lockstep:
                 needed = any_rank(needed)
@@ -496,7 +493,6 @@ class DPOReference(nn.Module):
                 self.cache.pairs.update(pairs)
             progress = PassProgress(
                 computed=sum(share.computed for _, share in gathered),
-                done=sum(share.done for _, share in gathered),
                 stopped=any(share.stopped for _, share in gathered),
             )
         if trainer.is_global_zero and progress.computed:

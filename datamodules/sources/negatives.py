@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from datamodules.records import CATEGORIES, write_records
+from datamodules.records import write_records
 from datamodules.sources.common import AnnotationError, load_json, refuse_overwriting_inputs, require
-from datamodules.sources.uvqa import UVQAImport, convert_uvqa
+from datamodules.sources.uvqa import UVQAImport, add_uvqa_arguments, convert_uvqa
 
 JOINED_FIELDS = ("vid", "new_question")
 """The fields a training item and its negative must agree on."""
@@ -97,13 +97,9 @@ def add_import_uvqa_negatives_parser(subparsers: argparse._SubParsersAction) -> 
         "response. The join is by position, as in the paper's code, and checked: each negative must name the "
         "same video and ask the same question as its training item.",
     )
-    parser.add_argument("--input", required=True, type=Path, metavar="FILE", help="e.g. train_object.json")
+    add_uvqa_arguments(parser, "train_object.json")
     parser.add_argument("--negatives", required=True, type=Path, metavar="FILE",
                         help="e.g. train_negative_object.json (attribute: train_negatvie_attribute.json)")
-    parser.add_argument("--category", required=True, choices=CATEGORIES)
-    parser.add_argument("--out", required=True, type=Path, metavar="OUT.jsonl")
-    parser.add_argument("--extension", default=".mp4",
-                        help="extension added to MOMA-LRG video ids (object, relation; default .mp4)")
     parser.set_defaults(func=run_import_uvqa_negatives)
     return parser
 

@@ -6,13 +6,14 @@ and counted, and a malformed item is an error naming the file, the item and the 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamodules.records import QARecord, write_records
+from datamodules.records import CATEGORIES, QARecord, write_records
 from datamodules.sources.common import AnnotationError, load_json, require
 
 # The field holding each category's missing element (the absent entity, relation or attribute).
@@ -102,3 +103,13 @@ def import_uvqa(
     result = read_uvqa(input_path, category, extension)
     write_records(out_path, result.records)
     return result
+
+
+def add_uvqa_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """The options of a command that converts a released UVQA file: `--input` (e.g. `example`),
+    `--category`, `--out` and `--extension` (shared by `import-uvqa` and `import-uvqa-negatives`)."""
+    parser.add_argument("--input", required=True, type=Path, metavar="FILE", help=f"e.g. {example}")
+    parser.add_argument("--category", required=True, choices=CATEGORIES)
+    parser.add_argument("--out", required=True, type=Path, metavar="OUT.jsonl")
+    parser.add_argument("--extension", default=".mp4",
+                        help="extension added to MOMA-LRG video ids (object, relation; default .mp4)")
