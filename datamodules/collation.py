@@ -106,6 +106,7 @@ class ChatCollator:
         self.processor, self.mode, self.max_length = processor, mode, max_length
         self.tokenizer = processor.tokenizer
         self._spans: dict[tuple, tuple[str, int, tuple[tuple[int, int], ...]]] = {}
+        self._texts: dict[tuple, str] = {}
         self._end_of_turn: str | None = None
 
     @staticmethod
@@ -135,19 +136,29 @@ class ChatCollator:
         return self._end_of_turn
 
     def prompt(self, question: str) -> str:
-        return self.processor.apply_chat_template(
-            self._conversation([(question, None)]), add_generation_prompt=True, tokenize=False
-        )
+        return self._chat(((question, None),), generation_prompt=True)
 
     def full_text(self, question: str, response: str) -> str:
-        return self._chat([(question, response)])
+        return self._chat(((question, response),))
 
-    def _chat(self, turns: Sequence[tuple[str, str | None]], generation_prompt: bool = False) -> str:
-        messages = self._conversation(turns, self.end_of_turn)
-        text = self.processor.apply_chat_template(
-            messages, add_generation_prompt=generation_prompt, tokenize=False
-        )
-        return text if generation_prompt else text.rstrip()
+    def _chat(self, turns: tuple[tuple[str, str | None], ...], generation_prompt: bool = False) -> str:
+        """The chat text of `turns` (a response of None: a question awaiting its answer), with the generation
+        prompt or without trailing whitespace. Texts are kept (up to `CACHE_SIZE`): a conversation's last
+        response ends where the whole conversation does, and a question's prompt recurs in every conversation
+        that starts with it (DPO's chosen and rejected rows, the many records that ask the same question), so
+        each is rendered once; the chat template is most of what collation costs."""
+        key = (turns, generation_prompt)
+        text = self._texts.get(key)
+        if text is None:
+            messages = self._conversation(turns, self.end_of_turn)
+            text = self.processor.apply_chat_template(
+                messages, add_generation_prompt=generation_prompt, tokenize=False
+            )
+            text = text if generation_prompt else text.rstrip()
+            if len(self._texts) >= self.CACHE_SIZE:
+                self._texts.clear()
+            self._texts[key] = text
+        return text
 
     def _encode(self, texts: list[str], videos: list[Clip | np.ndarray]) -> dict[str, torch.Tensor]:
         """The processor's batch; clips (not bare frame arrays) also give it their `video_metadata`."""
@@ -170,9 +181,11 @@ class ChatCollator:
         for turns in new:
             texts.append(self._chat(turns))
             for turn in range(len(turns)):
-                texts.append(self._chat([*turns[:turn], (turns[turn][0], None)], generation_prompt=True))
+                texts.append(self._chat((*turns[:turn], (turns[turn][0], None)), generation_prompt=True))
                 texts.append(self._chat(turns[: turn + 1]))
-        encoded = self.tokenizer(texts)["input_ids"] if texts else []
+        unique = list(dict.fromkeys(texts))  # each distinct text tokenized once
+        ids = dict(zip(unique, self.tokenizer(unique)["input_ids"] if unique else [], strict=True))
+        encoded = [ids[text] for text in texts]
         if len(self._spans) + len(new) > self.CACHE_SIZE:
             self._spans.clear()
         at = 0
@@ -242,7 +255,7 @@ class ChatCollator:
         `IGNORE_INDEX` to the longest opening of the batch."""
         texts = []
         for question in questions:
-            chat = self._chat([(question, REFUSAL_OPENING)])
+            chat = self._chat(((question, REFUSAL_OPENING),))
             texts.append(chat[: chat.rindex(REFUSAL_OPENING) + len(REFUSAL_OPENING)])
         encoded = self.tokenizer(prompts + texts)["input_ids"]
         openings = []

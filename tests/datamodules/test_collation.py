@@ -88,3 +88,28 @@ def test_a_template_the_tokenizer_merges_across_is_an_error(synthetic_data):
     with pytest.raises(ValueError, match="does not tokenize as a prefix of its conversation"):
         ChatCollator(processor, "sft")(items)
     ChatCollator(build_tiny_processor(template_vocabulary(), TinyArchitecture()), "sft")(items)
+
+
+@pytest.mark.parametrize("mode,renders", [("sft", 2), ("dpo", 3), ("generate", 2)])
+def test_the_chat_template_renders_each_text_once(processor, synthetic_data, monkeypatch, mode, renders):
+    """Chat-template renders per item of distinct questions (plus one probe of the end-of-turn token):
+    SFT, the prompt and the conversation (which is also its last response's end: it was rendered twice
+    before); DPO, the prompt once for the chosen and the rejected rows (it was rendered twice, and each
+    conversation twice); generation, the prompt and the refusal opening. A second epoch renders nothing."""
+    rows = record_rows(synthetic_data)
+    chosen = list({row["question"]: row for row in rows if row["rejected"]}.values())[:6]
+    items = items_of(synthetic_data, [row["id"] for row in chosen])
+    calls = []
+    original = processor.apply_chat_template
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(processor, "apply_chat_template", counted)
+    collator = ChatCollator(processor, mode)
+    collator(items)
+    assert len(calls) == renders * len(items) + 1
+    calls.clear()
+    collator(items)
+    assert len(calls) == 0
