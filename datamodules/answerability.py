@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from datamodules.collation import ChatCollator, Example
@@ -23,7 +22,9 @@ from datamodules.loading import (
     BatchSplit,
     EpochSeededSampler,
     ExampleDataset,
+    GenerationSampler,
     ResumableDataLoader,
+    generation_order,
     split_batch,
 )
 from datamodules.mixing import mix_sizes
@@ -289,19 +290,17 @@ class AnswerabilityDataModule(L.LightningDataModule):
         self.batch_split = split
         self.trainer.accumulate_grad_batches = split.accumulation
 
-    def _loader(
-        self, split: str, mode: str, batch_size: int, shuffle: bool, every_item_once: bool = False
-    ) -> DataLoader:
-        """`batch_size`: the examples of a batch on this device. `every_item_once`: under DDP, split the items
-        across ranks without the repeats that Lightning's `DistributedSampler` pads with, so that `test`
-        scores every item once (ranks may then run one batch apart: safe outside `fit`, where the model is
-        not wrapped in DDP)."""
+    def _loader(self, split: str, mode: str, batch_size: int, shuffle: bool) -> DataLoader:
+        """`batch_size`: the examples of a batch on this device. Generation (`mode` "generate": `test`,
+        `predict`) takes the items in `generation_order` (prompts of alike lengths together; the outputs are
+        written in the file's order) and, under DDP, splits them across ranks without the repeats that
+        Lightning's `DistributedSampler` pads with, so that every item is scored once (ranks may then run one
+        batch apart: safe outside `fit`, where the model is not wrapped in DDP)."""
         dataset = self.datasets[split]
         sampler = EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None
-        if every_item_once and self.trainer is not None and self.trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
+        if mode == "generate":
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            sampler = GenerationSampler(dataset, generation_order(dataset.examples), world, rank)
         options: dict[str, Any] = {
             "batch_size": batch_size,
             "sampler": sampler,
@@ -329,8 +328,8 @@ class AnswerabilityDataModule(L.LightningDataModule):
         return self._loader("val", self.hparams.objective, self._eval_batch_size(), False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", "generate", self._eval_batch_size(), False, every_item_once=True)
+        return self._loader("test", "generate", self._eval_batch_size(), False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", "generate", self._eval_batch_size(), False, every_item_once=True)
+        return self._loader("predict", "generate", self._eval_batch_size(), False)
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.collation import Example, pair_digest
 from datamodules.errors import UserError
-from datamodules.video import Clip, read_clip
+from datamodules.video import Clip, frame_size, read_clip
 
 # The default bound of a dataset's clip cache, per process: 1 GiB holds the whole demo world (3,000 clips of
 # 2-4 frames of 64 x 64: 74-147 MB) but only 12-48 real 32-frame clips (22-88 MB each at 360p-720p).
@@ -181,3 +182,41 @@ class _SkipFirst:
 
     def __len__(self) -> int:
         return len(self.inner)
+
+
+def generation_order(examples: Sequence[Example]) -> list[int]:
+    """The order in which generation (`test`, `predict`) takes the examples, so that a batch holds prompts of
+    alike lengths: clips by decreasing frame area (the video tokens of a model that sizes them by the frame,
+    such as Qwen2-VL's, and most of a prompt; read from each file's header by `frame_size`, without
+    decoding), each clip's questions together (its frames are decoded once and the clip cache keeps them for
+    the next one), otherwise the file's order. The largest prompts come first, so that a batch too large for
+    the memory fails at once. Questions are not sorted by their length: that would split a clip's questions
+    across batches, and they pad 0.1% of a 32-frame prompt (docs/design.md)."""
+    sizes: dict[str, tuple[int, int] | None] = {}
+    first: dict[str, int] = {}
+    for index, example in enumerate(examples):
+        if example.video_path not in sizes:
+            sizes[example.video_path] = frame_size(example.video_path)
+            first[example.video_path] = index
+
+    def key(index: int) -> tuple[int, int, int]:
+        path = examples[index].video_path
+        height, width = sizes[path] or (0, 0)
+        return -height * width, first[path], index
+
+    return sorted(range(len(examples)), key=key)
+
+
+class GenerationSampler(UnrepeatedDistributedSampler):
+    """The indices of `order` (`generation_order`) that fall to this rank, every item once across ranks:
+    rank r takes positions r, r + world size, ... of the order, so that every rank's batches stay sorted. At
+    world size 1, the whole order. A `DistributedSampler`, so that Lightning keeps it under DDP."""
+
+    def __init__(self, dataset: Dataset, order: Sequence[int], num_replicas: int = 1, rank: int = 0):
+        if sorted(order) != list(range(len(dataset))):
+            raise ValueError("a generation order must hold each index of the dataset once")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.order = list(order)
+
+    def __iter__(self):
+        return iter(self.order[self.rank :: self.num_replicas])

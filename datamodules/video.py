@@ -69,6 +69,19 @@ class Clip:
         }
 
 
+def frame_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) of the file's video stream as its header gives it, read without decoding a frame (PyAV;
+    about 0.2 ms a file); None for a file that cannot be opened, which `read_clip` then reports."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            context = container.streams.video[0].codec_context
+            return int(context.height), int(context.width)
+    except Exception:  # noqa: BLE001 - an unreadable file is read_clip's to report, with its reason
+        return None
+
+
 def read_video(path: str | os.PathLike, num_frames: int, backend: str = "decord") -> np.ndarray:
     """Read `num_frames` uniformly sampled frames of `path` as a (T, H, W, 3) uint8 RGB array."""
     return read_clip(path, num_frames, backend).frames

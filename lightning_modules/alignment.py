@@ -589,11 +589,19 @@ class AlignmentModule(L.LightningModule):
                 before, before_likelihood = self.score(batch, inputs)
         self.evaluator.update(records, after, after_likelihood, before, before_likelihood)
 
+    def _test_file_order(self) -> list[str] | None:
+        """The test items' record ids in the test file's order (the examples of the test loader's dataset), or
+        None for a loader whose dataset does not list its examples."""
+        loaders = self.trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        examples = getattr(getattr(loader, "dataset", None), "examples", None)
+        return None if examples is None else [example.record.id for example in examples]
+
     def on_test_epoch_end(self) -> None:
         results = self.evaluator.results()
         for key, value in flat_metrics(results, "test").items():
             self.log(key, value, rank_zero_only=True)
-        paths = self.evaluator.write(self.out_dir, results, self.logger)
+        paths = self.evaluator.write(self.out_dir, results, self.logger, order=self._test_file_order())
         if paths is not None:
             print(f"wrote {', '.join(str(p) for p in paths.values())}")
         self.evaluator.reset()

@@ -153,14 +153,20 @@ class AnswerabilityEvaluator(torch.nn.Module):
         results: dict[str, dict[str, float]] | None = None,
         logger: Any = None,
         title: str = "Answerability report",
+        order: Sequence[str] | None = None,
     ) -> dict[str, Path] | None:
         """Gather every rank's rows; on rank 0 write predictions.jsonl, metrics.json, report.md and report.png
         into `out_dir` and, with a `WandbLogger`, log them to W&B. Call it on every rank (the gather is
-        collective). `results` defaults to `results()`. Returns the paths on rank 0, None elsewhere."""
+        collective). `results` defaults to `results()`. `order`: the record ids in the order the rows are
+        written (the test file's; generation takes the items in another order, and ranks each take a share);
+        rows of other ids follow, as they came. Returns the paths on rank 0, None elsewhere."""
         results = self.results() if results is None else results
         rows = gather_rows(self.rows)
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return None
+        if order is not None:
+            position = {record_id: index for index, record_id in enumerate(order)}
+            rows = sorted(rows, key=lambda row: position.get(row["id"], len(position)))
         paths = write_reports(out_dir, rows, results, title=title)
         if isinstance(logger, WandbLogger):
             log_to_wandb(logger, results, rows, paths["report_png"])

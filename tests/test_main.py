@@ -362,7 +362,8 @@ def test_a_bad_pair_is_one_line_from_the_command_line(tmp_path, cli_args, main_e
 def test_ddp_test_on_two_cpu_processes_scores_every_item_once(tmp_path, lora_dpo_run, cli_args, run_main,
                                                                main_env, synthetic_data):
     """`test` on 2 CPU processes (gloo) over 5 records, which 2 ranks cannot split evenly: every record is
-    scored once (a padding sampler would score one twice), and the scores equal a 1-process run's."""
+    scored once (a padding sampler would score one twice), the scores equal a 1-process run's, and both runs
+    write their rows in the test file's order."""
     lines = (synthetic_data / "test.jsonl").read_text().splitlines()
     lines = sorted(lines, key=lambda line: json.loads(line)["answerable"])[:5]  # unanswerable first
     assert not json.loads(lines[0])["answerable"], "a padding sampler repeats the first record"
@@ -386,6 +387,10 @@ def test_ddp_test_on_two_cpu_processes_scores_every_item_once(tmp_path, lora_dpo
     assert "MEMBER: 2/2" in output, "two processes"
     rows = [json.loads(line) for line in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
     assert sorted(row["id"] for row in rows) == ids
+    in_file_order = [json.loads(line)["id"] for line in lines]
+    for run in ("one", "two"):  # generation takes its own order and ranks each a share; rows keep the file's
+        written = (tmp_path / run / "predictions.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in written] == in_file_order, run
     one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert set(one) == set(two) == {"before", "after", "alignment"}
     for group in one:

@@ -153,3 +153,51 @@ def test_a_split_takes_the_largest_batch_a_device_allows():
     assert split_batch(4, 3, 2) == BatchSplit(3, 2, 2), "6 a device: 3 x 2, not 4 (no split of 6)"
     with pytest.raises(BatchSplitError, match="batch_size must be at least 1"):
         split_batch(0, 1, 1)
+
+
+# ------------------------------------------------------------------------------ generation order
+def test_generation_order_takes_the_largest_frames_first_and_each_clips_questions_together(tmp_path):
+    """Clips by decreasing frame area (read from the file's header), each clip's questions together, ties in
+    the file's order; the sampler gives ranks interleaved shares."""
+    from datamodules.collation import Example
+    from datamodules.loading import GenerationSampler, generation_order
+    from datamodules.records import QARecord
+    from datamodules.shapes.world import write_clip
+
+    sides = {"a": 32, "b": 64, "c": 32, "d": 48}
+    for name, side in sides.items():
+        write_clip(np.zeros((4, side, side, 3), dtype=np.uint8), tmp_path / f"{name}.mp4")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    files = ["a", "b", "a", "c", "broken", "d", "b", "c"]
+    examples = [Example(QARecord(str(i), f"{f}.mp4", "q?", "x", True), str(tmp_path / f"{f}.mp4"))
+                for i, f in enumerate(files)]
+    order = generation_order(examples)
+    # b (64 px), d (48 px), then a and c (32 px, in the file's order), then the file that cannot be opened
+    # (read_clip reports it when its batch comes)
+    assert order == [1, 6, 5, 0, 2, 3, 7, 4]
+    dataset = list(range(len(order)))
+    assert list(GenerationSampler(dataset, order)) == order
+    shares = [list(GenerationSampler(dataset, order, num_replicas=3, rank=r)) for r in range(3)]
+    assert shares == [order[0::3], order[1::3], order[2::3]]
+    assert sorted(sum(shares, [])) == dataset, "every item once across ranks"
+    with pytest.raises(ValueError, match="each index of the dataset once"):
+        GenerationSampler(dataset, order[:-1])
+
+
+def test_test_and_predict_loaders_take_the_generation_order(synthetic_data, processor):
+    """The DataModule's `test` and `predict` loaders batch in `generation_order`, which on the synthetic
+    world (the demo's) is the file's order; `fit`'s validation does not use it."""
+    from datamodules.loading import GenerationSampler
+
+    data = ShapesDataModule(data_dir=str(synthetic_data), processor=processor, num_frames=2,
+                            eval_batch_size=4, predict_file="test.jsonl")
+    data.setup("test")
+    data.setup("predict")
+    data.setup("validate")
+    for loader in (data.test_dataloader(), data.predict_dataloader()):
+        assert isinstance(loader.sampler, GenerationSampler)
+        examples = loader.dataset.examples
+        assert list(loader.sampler) == loading.generation_order(examples)
+        # the synthetic world's clips are all of one size and its files list a clip's questions together
+        assert list(loader.sampler) == list(range(len(examples)))
+    assert not isinstance(data.val_dataloader().sampler, GenerationSampler)

@@ -289,3 +289,44 @@ def test_before_predictions_with_likelihoods_on_some_rows_only_is_an_error(tmp_p
     path.write_text('{"id": "a", "before": {"response": 3}, "after": {"response": "x"}}\n')
     with pytest.raises(RecordError, match=r"field 'before.response': record 'a'"):
         read_before(path)
+
+
+def test_generation_order_cuts_the_padding_of_frame_sized_video_tokens(checkpoint, tmp_path):
+    """Qwen2-VL sizes a clip's video tokens by its frames (here 2 tokens for 32 px frames, 8 for 64 px): in
+    the file's order, where small and large clips alternate, every batch of two pads its small-clip prompt;
+    in `generation_order` the large clips come first, each clip's questions together, and only the
+    questions' lengths pad.
+    Counted in padded prompt positions over the batches of the generation collator; the batches hold the
+    same items, each once."""
+    from transformers import AutoProcessor
+
+    from datamodules.loading import generation_order
+    from datamodules.shapes.world import write_clip
+    from datamodules.video import read_clip
+
+    processor = AutoProcessor.from_pretrained(checkpoint("qwen2_vl"))
+    collator = ChatCollator(processor, "generate")
+    scenes = [sample_scene(random.Random(seed)) for seed in range(4)]
+    for index, scene in enumerate(scenes):
+        frames = scene.render()[[0, 5, 10, 15]]
+        write_clip(frames if index % 2 else frames[:, ::2, ::2], tmp_path / f"{index}.mp4")
+    questions = ["what colour is the circle?", "is the small star touching the big square moving left?"]
+    examples = [Example(QARecord(f"{clip}-{q}", f"{clip}.mp4", questions[q], "x", True),
+                        str(tmp_path / f"{clip}.mp4")) for clip in range(4) for q in range(2)]
+    tokens = [len(ids) for ids in processor.tokenizer([e.record.question for e in examples])["input_ids"]]
+
+    def padded_positions(order: list[int]) -> int:
+        padded = 0
+        for start in range(0, len(order), 2):
+            chosen = [examples[i] for i in order[start : start + 2]]
+            batch = collator([(e, read_clip(e.video_path, 4)) for e in chosen])
+            padded += int((batch["attention_mask"] == 0).sum())
+        return padded
+
+    file_order = [0, 2, 1, 3, 4, 6, 5, 7]  # clips small, large, small, large: each batch mixes the two sizes
+    order = generation_order(examples)
+    assert sorted(order) == list(range(len(examples)))
+    assert [examples[i].video_path[-5] for i in order[:4]] == ["1", "1", "3", "3"], "large clips first"
+    question_gap = abs(tokens[1] - tokens[0])
+    assert padded_positions(order) == 4 * question_gap  # one short question a batch
+    assert padded_positions(file_order) == 4 * 6  # 8 - 2 video tokens a batch (same questions in a batch)
