@@ -265,12 +265,14 @@ def test_http_429_waits_the_retry_after_of_the_server(serve) -> None:
 
 
 def test_concurrency_limit_is_respected(serve) -> None:
-    server = serve(lambda fact, attempt: (200, good_reply(fact), 0.05))
+    # Each reply takes 0.25 s, so that requests overlap even on a loaded machine (at 0.05 s the lower bound
+    # failed once while other tests ran).
+    server = serve(lambda fact, attempt: (200, good_reply(fact), 0.25))
     writer = ChatWriter(server.base_url, "m", concurrency=3)
-    outcomes = writer.write_outcomes([item(f"fact {i}") for i in range(15)])
+    outcomes = writer.write_outcomes([item(f"fact {i}") for i in range(9)])
     assert all(o.status == WRITTEN for o in outcomes)
     assert [o.written.question for o in outcomes] == [f"When does the video show fact {i}?"
-                                                      for i in range(15)]
+                                                      for i in range(9)]
     assert 2 <= server.max_in_flight <= 3
 
 
